@@ -1,0 +1,70 @@
+"""Shared fixtures: every database test runs on SQLite and, when configured, on PostgreSQL.
+
+Set ``QWEN_PERSIST_TEST_POSTGRES_URL`` (for example ``postgresql://root@127.0.0.1:5432/test``) to run the
+PostgreSQL half; each test then gets a database of its own, created and dropped around it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from qwen_persist.engine import make_engine, normalize_url
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+POSTGRES_URL_ENV = "QWEN_PERSIST_TEST_POSTGRES_URL"
+
+# The examples (fake upstream, proxies) are plain scripts; tests import them as modules.
+sys.path.insert(0, str(ROOT / "examples"))
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def _postgres_admin_url() -> str | None:
+    return os.environ.get(POSTGRES_URL_ENV) or None
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to an empty database of each backend: a new SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    admin_url = _postgres_admin_url()
+    if admin_url is None:
+        pytest.skip(f"{POSTGRES_URL_ENV} is not set")
+    yield from _fresh_postgres_database(admin_url)
+
+
+def _fresh_postgres_database(admin_url: str) -> Iterator[str]:
+    name = f"qp_test_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = normalize_url(admin_url).set(database=name)
+        yield url.render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture
+def legacy_fixture() -> Path:
+    path = FIXTURES / "provider-router-v1.db"
+    if not path.exists():
+        pytest.fail(f"legacy fixture missing: {path}")
+    return path
