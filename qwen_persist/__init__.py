@@ -1,0 +1,37 @@
+"""qwen_persist: record OpenAI-compatible chat completion traffic in a database.
+
+Wrap a proxy app with `PersistenceMiddleware`, run the migrations (`qwen-persist db upgrade`), and every
+``/v1/chat/completions`` exchange, JSON or streamed, lands in the ``sessions`` / ``requests`` /
+``responses`` tables.
+"""
+
+from .completion import ChatCompletionAccumulator, StreamReconstructor, StreamResult, reconstruct_stream
+from .config import ConfigurationError, Settings
+from .engine import make_engine
+from .exchange import Exchange, current_exchange
+from .middleware import PersistenceMiddleware
+from .models import metadata
+from .sessions import SessionInfo, SessionManager
+from .sse import ServerSentEvent, SSEDecoder
+from .writer import WriterStats
+
+__all__ = [
+    "ChatCompletionAccumulator",
+    "ConfigurationError",
+    "Exchange",
+    "PersistenceMiddleware",
+    "SSEDecoder",
+    "ServerSentEvent",
+    "SessionInfo",
+    "SessionManager",
+    "Settings",
+    "StreamReconstructor",
+    "StreamResult",
+    "WriterStats",
+    "current_exchange",
+    "make_engine",
+    "metadata",
+    "reconstruct_stream",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""Middleware configuration: keyword-only options with environment-variable defaults, validated once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .engine import normalize_url, resolve_database_url
+
+# A redaction hook gets a parsed body (the request as sent, or the rebuilt response) and the kind
+# ("request" or "response"); it returns the body to store, or None to store no content at all.
+Redactor = Callable[[Any, str], Any]
+
+ENV_PREFIX = "QWEN_PERSIST_"
+DEFAULT_PATHS = ("/v1/chat/completions",)
+DEFAULT_SESSION_HEADER = "x-session-id"
+DEFAULT_SESSION_TTL = 30 * 60.0
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_QUEUE_SIZE = 10_000
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_FLUSH_INTERVAL = 0.05
+DEFAULT_SPILL_DIR = "qwen_persist_spill"
+# Headers that carry credentials; they are never stored, only a keyed fingerprint of the API key.
+SECRET_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "cookie", "set-cookie", "proxy-authorization"})
+
+
+class ConfigurationError(ValueError):
+    """An option has a value the middleware cannot work with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str
+    paths: frozenset[str]
+    session_header: str
+    session_ttl: float
+    max_body_bytes: int
+    redact: Redactor | None
+    queue_size: int
+    batch_size: int
+    flush_interval: float
+    spill_dir: Path
+    auto_upgrade: bool
+    secret_headers: frozenset[str]
+
+    @property
+    def session_ttl_ms(self) -> int:
+        return int(self.session_ttl * 1000)
+
+
+def _env(name: str, environ: Mapping[str, str]) -> str | None:
+    value = environ.get(ENV_PREFIX + name)
+    return value if value not in (None, "") else None
+
+
+def _number(name: str, value: Any, env: str | None, default: float, *, integer: bool, minimum: float) -> Any:
+    source = f"{ENV_PREFIX}{name.upper()}" if value is None and env is not None else name
+    raw = value if value is not None else (env if env is not None else default)
+    try:
+        number = int(raw) if integer else float(raw)
+    except (TypeError, ValueError):
+        kind = "an integer" if integer else "a number"
+        raise ConfigurationError(f"{source} must be {kind}, got {raw!r}") from None
+    if isinstance(raw, bool) or number < minimum:
+        raise ConfigurationError(f"{source} must be >= {minimum:g}, got {raw!r}")
+    return number
+
+
+def _flag(name: str, value: bool | None, env: str | None) -> bool:
+    if value is not None:
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+        return value
+    if env is None:
+        return False
+    lowered = env.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{ENV_PREFIX}{name.upper()} must be a boolean (1/0, true/false), got {env!r}")
+
+
+def build_settings(
+    *,
+    database_url: str | None = None,
+    paths: Iterable[str] | None = None,
+    session_header: str | None = None,
+    session_ttl: float | None = None,
+    max_body_bytes: int | None = None,
+    redact: Redactor | None = None,
+    queue_size: int | None = None,
+    batch_size: int | None = None,
+    flush_interval: float | None = None,
+    spill_dir: str | os.PathLike[str] | None = None,
+    auto_upgrade: bool | None = None,
+    secret_headers: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve every option (argument, else environment, else default) and fail on nonsense."""
+    env = os.environ if environ is None else environ
+    url = resolve_database_url(database_url) if database_url is not None else (
+        _env("DATABASE_URL", env) or resolve_database_url(None)
+    )
+    normalize_url(url)  # raises ValueError with the URL in the message
+
+    if paths is None:
+        env_paths = _env("PATHS", env)
+        paths = env_paths.split(",") if env_paths else DEFAULT_PATHS
+    if isinstance(paths, str):
+        raise ConfigurationError("paths must be a collection of paths, not a single string")
+    path_set = frozenset(p.strip() for p in paths if p.strip())
+    if not path_set or any(not p.startswith("/") for p in path_set):
+        raise ConfigurationError(f"paths must be non-empty absolute paths starting with '/', got {sorted(path_set)}")
+
+    header = (session_header or _env("SESSION_HEADER", env) or DEFAULT_SESSION_HEADER).strip().lower()
+    if not header or any(c.isspace() or c == ":" for c in header):
+        raise ConfigurationError(f"session_header is not a valid header name: {header!r}")
+
+    if redact is not None and not callable(redact):
+        raise ConfigurationError("redact must be a callable (body, kind) -> body or None")
+
+    return Settings(
+        database_url=url,
+        paths=path_set,
+        session_header=header,
+        session_ttl=_number(
+            "session_ttl", session_ttl, _env("SESSION_TTL", env), DEFAULT_SESSION_TTL, integer=False, minimum=1
+        ),
+        max_body_bytes=_number(
+            "max_body_bytes",
+            max_body_bytes,
+            _env("MAX_BODY_BYTES", env),
+            DEFAULT_MAX_BODY_BYTES,
+            integer=True,
+            minimum=1024,
+        ),
+        redact=redact,
+        queue_size=_number(
+            "queue_size", queue_size, _env("QUEUE_SIZE", env), DEFAULT_QUEUE_SIZE, integer=True, minimum=1
+        ),
+        batch_size=_number(
+            "batch_size", batch_size, _env("BATCH_SIZE", env), DEFAULT_BATCH_SIZE, integer=True, minimum=1
+        ),
+        flush_interval=_number(
+            "flush_interval",
+            flush_interval,
+            _env("FLUSH_INTERVAL", env),
+            DEFAULT_FLUSH_INTERVAL,
+            integer=False,
+            minimum=0,
+        ),
+        spill_dir=Path(spill_dir if spill_dir is not None else (_env("SPILL_DIR", env) or DEFAULT_SPILL_DIR)),
+        auto_upgrade=_flag("auto_upgrade", auto_upgrade, _env("AUTO_UPGRADE", env)),
+        secret_headers=SECRET_HEADERS | {h.strip().lower() for h in secret_headers},
+    )

@@ -1,0 +1,183 @@
+"""Writing exchanges: the SQL behind the writer and `qwen-persist replay`.
+
+The writer hands over *ops*: plain JSON-ready dicts made from captured exchanges (see `records.py`).
+The same ops go to the spill file when the database cannot take them, so replaying a spill is just
+``write_ops`` again; it is idempotent (a request or response already stored is skipped).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, case, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .models import requests_table, responses_table, sessions_table
+
+Op = dict[str, Any]
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    written: int = 0          # ops stored by this batch
+    duplicates: int = 0       # ops already in the database (a replay, or a retry after an unclear commit)
+    orphans: list[Op] = field(default_factory=list)  # responses whose request row is not there (yet)
+    renamed: dict[str, str] = field(default_factory=dict)  # client request id reused -> id stored instead
+
+
+def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert sessions, or renew existing ones; atomic, so concurrent writers lose nothing.
+
+    A renewal slides the expiry and never lowers message_count. If the stored session had already
+    expired, it is a new conversation under the same id: chat_id and parent_id are cleared.
+    """
+    if not rows:
+        return
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        stmt: Any = postgresql.insert(sessions_table)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(sessions_table)
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        raise NotImplementedError(f"sessions upsert is not implemented for {dialect}")
+    table, new = sessions_table.c, stmt.excluded
+    was_expired = table.expires_at <= new.last_accessed
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.id],
+        set_={
+            "updated_at": new.updated_at,
+            "last_accessed": new.last_accessed,
+            "expires_at": new.expires_at,
+            "message_count": case((new.message_count > table.message_count, new.message_count), else_=table.message_count),
+            "chat_id": case((was_expired, None), else_=table.chat_id),
+            "parent_id": case((was_expired, None), else_=table.parent_id),
+        },
+    )
+    conn.execute(stmt, list(rows))
+
+
+def _merge_sessions(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    # One row per id per statement: PostgreSQL refuses to upsert the same row twice in one command.
+    merged: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        seen = merged.get(row["id"])
+        if seen is None:
+            merged[row["id"]] = dict(row)
+            continue
+        for key in ("updated_at", "last_accessed", "expires_at", "message_count"):
+            seen[key] = max(seen[key], row[key])
+    return list(merged.values())
+
+
+def write_ops(conn: Connection, ops: Sequence[Op], renamed: dict[str, str] | None = None) -> BatchOutcome:
+    """Store a batch of ops in the caller's transaction. ``renamed`` carries request-id renames across batches."""
+    outcome = BatchOutcome()
+    renames = renamed if renamed is not None else {}
+    request_ops = [op for op in ops if op["op"] == "request"]
+    response_ops = [op for op in ops if op["op"] == "response"]
+    _write_requests(conn, request_ops, renames, outcome)
+    _write_responses(conn, response_ops, renames, outcome)
+    return outcome
+
+
+def _write_requests(conn: Connection, ops: list[Op], renames: dict[str, str], outcome: BatchOutcome) -> None:
+    if not ops:
+        return
+    ids = [op["request"]["request_id"] for op in ops]
+    existing = dict(
+        conn.execute(
+            select(requests_table.c.request_id, requests_table.c.timestamp).where(requests_table.c.request_id.in_(ids))
+        ).all()
+    )
+    rows: list[dict[str, Any]] = []
+    sessions: list[dict[str, Any]] = []
+    for op in ops:
+        row = dict(op["request"])
+        rid = row["request_id"]
+        if rid in existing or any(r["request_id"] == rid for r in rows):
+            if existing.get(rid) == row["timestamp"]:
+                outcome.duplicates += 1  # the same request, replayed
+                continue
+            # A client reused an X-Request-Id that is already stored: keep both, under a fresh id.
+            fresh = str(uuid.uuid4())
+            renames[rid] = fresh
+            outcome.renamed[rid] = fresh
+            metadata = dict(row.get("metadata") or {})
+            metadata["client_request_id"] = rid
+            row.update(request_id=fresh, metadata=metadata)
+        rows.append(row)
+        sessions.append(op["session"])
+    upsert_sessions(conn, _merge_sessions(sessions))
+    if rows:
+        conn.execute(insert(requests_table), rows)
+    outcome.written += len(rows)
+
+
+def _write_responses(conn: Connection, ops: list[Op], renames: dict[str, str], outcome: BatchOutcome) -> None:
+    if not ops:
+        return
+    wanted = [renames.get(op["request_id"], op["request_id"]) for op in ops]
+    found = {
+        row.request_id: row
+        for row in conn.execute(
+            select(requests_table.c.id, requests_table.c.request_id, requests_table.c.session_id).where(
+                requests_table.c.request_id.in_(wanted)
+            )
+        )
+    }
+    answered = set(
+        conn.execute(
+            select(responses_table.c.request_id).where(
+                responses_table.c.request_id.in_([row.id for row in found.values()])
+            )
+        ).scalars()
+    )
+    rows: list[dict[str, Any]] = []
+    session_updates: list[dict[str, Any]] = []
+    for op, rid in zip(ops, wanted):
+        request = found.get(rid)
+        if request is None:
+            outcome.orphans.append(op)
+            continue
+        if request.id in answered:
+            outcome.duplicates += 1
+            continue
+        answered.add(request.id)
+        rows.append({**op["response"], "request_id": request.id, "session_id": request.session_id})
+        session = op.get("session_update") or {}
+        session_updates.append(
+            {
+                "sid": request.session_id,
+                "n": session.get("message_count"),
+                "p": session.get("parent_id"),
+                "c": session.get("chat_id"),
+                "now": op["response"]["timestamp"],
+            }
+        )
+        if op.get("request_update"):
+            conn.execute(update(requests_table).where(requests_table.c.id == request.id).values(**op["request_update"]))
+    if rows:
+        conn.execute(insert(responses_table), rows)
+        _update_sessions_after_response(conn, session_updates)
+    outcome.written += len(rows)
+
+
+def _update_sessions_after_response(conn: Connection, updates: list[dict[str, Any]]) -> None:
+    from sqlalchemy import bindparam, func
+
+    table = sessions_table.c
+    count = bindparam("n", type_=sessions_table.c.message_count.type)
+    stmt = (
+        update(sessions_table)
+        .where(table.id == bindparam("sid"))
+        .values(
+            message_count=case((count > table.message_count, count), else_=table.message_count),
+            parent_id=func.coalesce(bindparam("p", type_=table.parent_id.type), table.parent_id),
+            chat_id=func.coalesce(bindparam("c", type_=table.chat_id.type), table.chat_id),
+            updated_at=case((bindparam("now") > table.updated_at, bindparam("now")), else_=table.updated_at),
+        )
+    )
+    conn.execute(stmt, updates)

@@ -1,0 +1,295 @@
+"""Sessions: who a request belongs to, and the database-backed `SessionManager`.
+
+Identity, in order: the session header, OpenAI ``metadata.session_id``, else the MD5 of the first user
+message's canonical text scoped by the caller (API-key fingerprint and ``user``), so two callers who
+both open with "hi" never share a session. Expiry governs continuation only; it never deletes history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, case, delete, func, select, update
+
+from .models import requests_table, sessions_table
+
+MAX_ID_LENGTH = 128
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def is_valid_client_id(value: str | None) -> bool:
+    """1–128 printable ASCII characters: what we accept from clients as request or session ids."""
+    return value is not None and 0 < len(value) <= MAX_ID_LENGTH and value.isascii() and value.isprintable()
+
+
+def api_key_fingerprint(key: str) -> str:
+    """A stable, non-reversible tag for an API key: scopes sessions without storing the secret."""
+    return hashlib.sha256(b"qwen_persist\x00" + key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def canonical_text(content: Any) -> str:
+    """The text a message stands for: strings as is; content parts joined by newlines.
+
+    Images and audio count by URL, or by a hash of inline data, so the same picture gives the same id.
+    """
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(_part_text(part) for part in content)
+    return json.dumps(content, sort_keys=True, ensure_ascii=False)
+
+
+def _part_text(part: Any) -> str:
+    if not isinstance(part, Mapping):
+        return canonical_text(part)
+    kind = part.get("type")
+    if kind == "text" and isinstance(part.get("text"), str):
+        return str(part["text"])
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, Mapping) else image
+        if isinstance(url, str):
+            return url if not url.startswith("data:") else "image:sha256:" + _sha256(url)
+    return f"{kind}:sha256:" + _sha256(json.dumps(part, sort_keys=True, ensure_ascii=False))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def first_user_message(body: Any) -> str | None:
+    """Canonical text of the first ``user`` message, or None when there is none."""
+    messages = body.get("messages") if isinstance(body, Mapping) else None
+    if not isinstance(messages, list):
+        return None
+    for message in messages:
+        if isinstance(message, Mapping) and message.get("role") == "user":
+            return canonical_text(message.get("content"))
+    return None
+
+
+def message_count(body: Any) -> int:
+    messages = body.get("messages") if isinstance(body, Mapping) else None
+    return len(messages) if isinstance(messages, list) else 0
+
+
+def resolve_session_id(
+    body: Any, *, header_value: str | None, key_fingerprint: str | None, request_id: str
+) -> tuple[str, str]:
+    """(session id, first user message text) for a request. Deterministic in its inputs.
+
+    A request with no user message gets a session of its own, named after its request id.
+    """
+    first = first_user_message(body)
+    if is_valid_client_id(header_value):
+        return str(header_value), first or ""
+    metadata = body.get("metadata") if isinstance(body, Mapping) else None
+    from_metadata = metadata.get("session_id") if isinstance(metadata, Mapping) else None
+    if isinstance(from_metadata, str) and is_valid_client_id(from_metadata):
+        return from_metadata, first or ""
+    if first is None:
+        return f"request-{request_id}", ""
+    user = body.get("user") if isinstance(body, Mapping) else None
+    scope = ""
+    if key_fingerprint or isinstance(user, str):
+        scope = f"{key_fingerprint or ''}\x1f{user if isinstance(user, str) else ''}\x1f"
+    return hashlib.md5((scope + first).encode("utf-8", "surrogateescape")).hexdigest(), first
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    id: str
+    chat_id: str | None
+    parent_id: str | None
+    first_user_message: str
+    message_count: int
+    created_at: int
+    updated_at: int
+    last_accessed: int
+    expires_at: int
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at <= now_ms()
+
+
+class SessionManager:
+    """Database-backed sessions with sliding expiry (the original's phase 3), safe for the event loop.
+
+    Every method runs its SQL in a worker thread. Updates are single atomic statements, so concurrent
+    callers never lose each other's writes. ``get`` returns None for an expired session: it is not
+    continued, but its history stays until an explicit retention policy deletes it.
+    """
+
+    def __init__(self, engine: Engine, *, ttl: float = 30 * 60.0) -> None:
+        self.engine = engine
+        self.ttl_ms = int(ttl * 1000)
+
+    @staticmethod
+    def generate_session_id(body: Any, *, api_key: str | None = None) -> str:
+        """The id a request body would get with no session header (derived from its first user message)."""
+        fingerprint = api_key_fingerprint(api_key) if api_key else None
+        return resolve_session_id(body, header_value=None, key_fingerprint=fingerprint, request_id=new_request_id())[0]
+
+    async def create(self, session_id: str, first_user_message: str = "", *, chat_id: str | None = None) -> SessionInfo:
+        """Create the session, or renew it if it exists (expired ones lose chat_id and parent_id)."""
+        return await asyncio.to_thread(self._create, session_id, first_user_message, chat_id)
+
+    def _create(self, session_id: str, first_user_message: str, chat_id: str | None) -> SessionInfo:
+        from .repository import upsert_sessions
+
+        now = now_ms()
+        row = session_row(session_id, first_user_message, 0, now, self.ttl_ms)
+        with self.engine.begin() as conn:
+            upsert_sessions(conn, [row])
+            if chat_id is not None:
+                conn.execute(update(sessions_table).where(sessions_table.c.id == session_id).values(chat_id=chat_id))
+            info = self._select(conn, session_id)
+        assert info is not None
+        return info
+
+    async def get(self, session_id: str) -> SessionInfo | None:
+        """The live session, touched (its expiry slides); None if missing or expired."""
+        return await asyncio.to_thread(self._get, session_id)
+
+    def _get(self, session_id: str) -> SessionInfo | None:
+        now = now_ms()
+        with self.engine.begin() as conn:
+            touched = conn.execute(
+                update(sessions_table)
+                .where(sessions_table.c.id == session_id, sessions_table.c.expires_at > now)
+                .values(last_accessed=now, expires_at=now + self.ttl_ms)
+            ).rowcount
+            return self._select(conn, session_id) if touched else None
+
+    async def peek(self, session_id: str) -> SessionInfo | None:
+        """The session row as stored, expired or not, without touching it."""
+        return await asyncio.to_thread(self._peek, session_id)
+
+    def _peek(self, session_id: str) -> SessionInfo | None:
+        with self.engine.connect() as conn:
+            return self._select(conn, session_id)
+
+    async def is_new(self, session_id: str) -> bool:
+        """True when no live session has this id (a request with it would start a conversation)."""
+        return await self.get(session_id) is None
+
+    async def get_parent_id(self, session_id: str) -> str | None:
+        info = await self.get(session_id)
+        return info.parent_id if info else None
+
+    async def update_parent_id(self, session_id: str, parent_id: str | None) -> bool:
+        return await self._set(session_id, parent_id=parent_id)
+
+    async def set_chat_id(self, session_id: str, chat_id: str | None) -> bool:
+        return await self._set(session_id, chat_id=chat_id)
+
+    async def _set(self, session_id: str, **values: Any) -> bool:
+        def run() -> bool:
+            now = now_ms()
+            with self.engine.begin() as conn:
+                result = conn.execute(
+                    update(sessions_table)
+                    .where(sessions_table.c.id == session_id)
+                    .values(updated_at=now, last_accessed=now, expires_at=now + self.ttl_ms, **values)
+                )
+            return bool(result.rowcount)
+
+        return await asyncio.to_thread(run)
+
+    async def delete(self, session_id: str) -> bool:
+        """Delete a session and, by cascade, its requests and responses."""
+
+        def run() -> bool:
+            with self.engine.begin() as conn:
+                return bool(conn.execute(delete(sessions_table).where(sessions_table.c.id == session_id)).rowcount)
+
+        return await asyncio.to_thread(run)
+
+    async def cleanup_expired(self, *, batch_size: int = 1000) -> int:
+        """Retention, never automatic: delete expired sessions with their history, in batches."""
+
+        def run() -> int:
+            removed = 0
+            while True:
+                with self.engine.begin() as conn:
+                    ids = select(sessions_table.c.id).where(sessions_table.c.expires_at <= now_ms()).limit(batch_size)
+                    count = conn.execute(delete(sessions_table).where(sessions_table.c.id.in_(ids))).rowcount
+                removed += count
+                if count < batch_size:
+                    return removed
+
+        return await asyncio.to_thread(run)
+
+    async def metrics(self) -> dict[str, int]:
+        """``active`` (not expired) and ``total`` sessions."""
+
+        def run() -> dict[str, int]:
+            with self.engine.connect() as conn:
+                total, active = conn.execute(
+                    select(
+                        func.count(),
+                        func.coalesce(func.sum(case((sessions_table.c.expires_at > now_ms(), 1), else_=0)), 0),
+                    )
+                ).one()
+            return {"active": int(active), "total": int(total)}
+
+        return await asyncio.to_thread(run)
+
+    async def list(self, *, limit: int = 100, offset: int = 0, active_only: bool = False) -> list[SessionInfo]:
+        """Sessions, most recently used first."""
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise ValueError("limit must be within 1..1000 and offset >= 0")
+
+        def run() -> list[SessionInfo]:
+            query = select(sessions_table).order_by(sessions_table.c.last_accessed.desc()).limit(limit).offset(offset)
+            if active_only:
+                query = query.where(sessions_table.c.expires_at > now_ms())
+            with self.engine.connect() as conn:
+                return [SessionInfo(**row._mapping) for row in conn.execute(query)]
+
+        return await asyncio.to_thread(run)
+
+    async def request_count(self, session_id: str) -> int:
+        def run() -> int:
+            with self.engine.connect() as conn:
+                query = select(func.count()).where(requests_table.c.session_id == session_id)
+                return int(conn.execute(query).scalar_one())
+
+        return await asyncio.to_thread(run)
+
+    @staticmethod
+    def _select(conn: Any, session_id: str) -> SessionInfo | None:
+        row = conn.execute(select(sessions_table).where(sessions_table.c.id == session_id)).first()
+        return SessionInfo(**row._mapping) if row is not None else None
+
+
+def session_row(session_id: str, first_user_message: str, messages: int, now: int, ttl_ms: int) -> dict[str, Any]:
+    """A sessions row as a request arriving at ``now`` would create it."""
+    return {
+        "id": session_id,
+        "chat_id": None,
+        "parent_id": None,
+        "first_user_message": first_user_message,
+        "message_count": messages,
+        "created_at": now,
+        "updated_at": now,
+        "last_accessed": now,
+        "expires_at": now + ttl_ms,
+    }

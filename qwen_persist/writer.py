@@ -1,0 +1,307 @@
+"""The background writer: takes captured exchanges off the request path and stores them in batches.
+
+A bounded queue feeds one thread. The thread rebuilds each exchange (`records.py`) and writes a batch
+in one transaction (`repository.py`). While the database is down or locked the batch is retried with
+backoff and new records wait in the queue; when the queue is full, records go to the spill file
+instead. Nothing is dropped silently: every record is counted as written, spilled or failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from .config import Settings
+from .records import CapturedRequest, CapturedResponse, request_op, response_op
+from .repository import Op, write_ops
+from .spill import SpillFile
+
+log = logging.getLogger("qwen_persist")
+
+Record = CapturedRequest | CapturedResponse
+MAX_BACKOFF = 5.0
+# PostgreSQL "undefined_table": the schema is not migrated yet; like a locked SQLite file, it can heal.
+_TRANSIENT_SQLSTATES = {"42P01"}
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    accepted: int  # records handed to the writer
+    written: int  # records stored in the database
+    spilled: int  # records written to the spill file instead
+    failed: int  # records the database rejected (kept in the spill file)
+    duplicates: int  # records found already stored (replays)
+    retries: int  # batch attempts that failed and were retried
+    queue_depth: int
+
+
+class _Barrier:
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+
+_STOP = object()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that a later attempt can get past: connection loss, locks, a schema not yet migrated."""
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError):
+        return True
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or getattr(exc.orig, "sqlstate", None) in _TRANSIENT_SQLSTATES
+    return False
+
+
+class Writer:
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_size)
+        self._spill = SpillFile(settings.spill_dir)
+        self._wakeup = threading.Event()
+        self._abandon = threading.Event()  # shutdown timed out: spill instead of retrying
+        self._start_lock = threading.Lock()
+        self._counter_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._atexit_registered = False
+        self._messages: dict[str, int] = {}  # request_id -> messages, for the response's message_count
+        self._renames: dict[str, str] = {}
+        self._accepted = self._written = self._spilled = self._failed = 0
+        self._duplicates = self._retries = 0
+        self._upgraded = not settings.auto_upgrade
+
+    # -- the request path ------------------------------------------------------------------------
+
+    def submit(self, record: Record) -> None:
+        """Hand a record over without blocking; spill it if the queue is full."""
+        if self._thread is None:
+            self.start()
+        self._accepted += 1  # only the event loop thread submits
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self._spill_ops(self._to_ops([record]), reason="queue full")
+
+    async def barrier(self, timeout: float = 5.0) -> bool:
+        """Wait until everything submitted before now is stored (or spilled). False on timeout."""
+        if self._thread is None:
+            return True
+        marker = _Barrier()
+        try:
+            self._queue.put_nowait(marker)
+        except queue.Full:
+            return False
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(marker.future), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._start_lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._abandon.clear()
+            self._thread = threading.Thread(target=self._run, name="qwen-persist-writer", daemon=True)
+            self._thread.start()
+            if not self._atexit_registered:
+                # The thread is a daemon so it never blocks interpreter exit; this flush is what
+                # saves the queue when the host app has no lifespan shutdown.
+                atexit.register(self.close, 10.0)
+                self._atexit_registered = True
+
+    def close(self, timeout: float = 30.0) -> WriterStats:
+        """Store everything queued, then stop. After ``timeout`` seconds, spill what is left."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    self._queue.put(_STOP, timeout=0.1)
+                    break
+                except queue.Full:
+                    if time.monotonic() > deadline:
+                        self._abandon.set()
+            self._wakeup.set()
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                self._abandon.set()
+                self._wakeup.set()
+                thread.join()
+        self._thread = None
+        self._spill.close()
+        stats = self.stats()
+        log.info(
+            "qwen_persist writer stopped: accepted=%d written=%d spilled=%d failed=%d duplicates=%d",
+            stats.accepted,
+            stats.written,
+            stats.spilled,
+            stats.failed,
+            stats.duplicates,
+        )
+        return stats
+
+    async def aclose(self, timeout: float = 30.0) -> WriterStats:
+        return await asyncio.to_thread(self.close, timeout)
+
+    def stats(self) -> WriterStats:
+        return WriterStats(
+            accepted=self._accepted,
+            written=self._written,
+            spilled=self._spilled,
+            failed=self._failed,
+            duplicates=self._duplicates,
+            retries=self._retries,
+            queue_depth=self._queue.qsize(),
+        )
+
+    @property
+    def spill_path(self) -> str | None:
+        return str(self._spill.path) if self._spill.path else None
+
+    # -- the writer thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            items = [first]
+            if first is not _STOP and not isinstance(first, _Barrier):
+                # Let a batch gather: one wake-up per interval, not per record, keeps the GIL with
+                # the event loop. A barrier or shutdown cuts the wait short.
+                self._wakeup.wait(self.settings.flush_interval)
+            self._wakeup.clear()
+            while len(items) < self.settings.batch_size:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = any(item is _STOP for item in items)
+            records = [item for item in items if isinstance(item, CapturedRequest | CapturedResponse)]
+            try:
+                self._write(self._to_ops(records))
+            except Exception:  # never let the thread die: a dead writer would lose everything after
+                log.exception("qwen_persist writer: unexpected error; records spilled")
+                self._spill_ops(self._to_ops(records), reason="writer error")
+            for item in items:
+                if isinstance(item, _Barrier):
+                    item.future.set_result(None)
+
+    def _to_ops(self, records: list[Record]) -> list[Op]:
+        ops: list[Op] = []
+        for record in records:
+            try:
+                if isinstance(record, CapturedRequest):
+                    op, messages = request_op(
+                        record, ttl_ms=self.settings.session_ttl_ms, redact=self.settings.redact
+                    )
+                    self._messages[record.request_id] = messages
+                else:
+                    record.request_messages = self._messages.pop(record.request_id, None)
+                    op = response_op(record, redact=self.settings.redact)
+                ops.append(_json_ready(op))
+            except Exception:
+                # A redaction hook or a report that cannot be serialized: count it, say so, move on.
+                log.exception("qwen_persist: could not prepare record %s", record.request_id)
+                with self._counter_lock:
+                    self._failed += 1
+        return ops
+
+    def _write(self, ops: list[Op]) -> None:
+        if not ops:
+            return
+        attempt = 0
+        while True:
+            try:
+                self._ensure_schema()
+                with self.engine.begin() as conn:
+                    outcome = write_ops(conn, ops, self._renames)
+            except SQLAlchemyError as exc:
+                if not is_transient(exc):
+                    self._write_one_by_one(ops, exc)
+                    return
+                if self._abandon.is_set():
+                    self._spill_ops(ops, reason=f"database unavailable at shutdown: {exc.__class__.__name__}")
+                    return
+                attempt += 1
+                with self._counter_lock:
+                    self._retries += 1
+                delay = min(MAX_BACKOFF, 0.05 * 2**attempt)
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning(
+                        "qwen_persist: database unavailable (%s); %d records waiting, retry %d in %.2fs",
+                        _short(exc),
+                        len(ops) + self._queue.qsize(),
+                        attempt,
+                        delay,
+                    )
+                self._abandon.wait(delay)
+                continue
+            if attempt:
+                log.warning("qwen_persist: database available again after %d retries", attempt)
+            with self._counter_lock:
+                self._written += outcome.written
+                self._duplicates += outcome.duplicates
+            if outcome.orphans:
+                self._spill_ops(outcome.orphans, reason="response without a stored request")
+            return
+
+    def _write_one_by_one(self, ops: list[Op], cause: SQLAlchemyError) -> None:
+        """A batch the database rejected: find the records at fault, store the rest."""
+        if len(ops) == 1:
+            log.error("qwen_persist: the database rejected a record (%s); kept in the spill file", _short(cause))
+            with self._counter_lock:
+                self._failed += 1
+            self._spill_ops(ops, reason="rejected by the database")
+            return
+        for op in ops:
+            self._write([op])
+
+    def _ensure_schema(self) -> None:
+        if self._upgraded:
+            return
+        from .migrate import upgrade
+
+        upgrade(self.settings.database_url)
+        self._upgraded = True
+
+    def _spill_ops(self, ops: list[Op], *, reason: str) -> None:
+        try:
+            count = self._spill.append(ops)
+        except OSError:
+            log.exception("qwen_persist: could not spill %d records (%s): they are lost", len(ops), reason)
+            with self._counter_lock:
+                self._failed += len(ops)
+            return
+        with self._counter_lock:
+            self._spilled += count
+        log.warning("qwen_persist: %d records spilled (%s)", count, reason)
+
+
+def _json_ready(op: Op) -> Op:
+    """Make app-reported values (provider payloads, metadata) plain JSON before they are stored."""
+    if "request_update" in op or op.get("response", {}).get("qwen_response") is not None:
+        return json.loads(json.dumps(op, default=str))  # type: ignore[no-any-return]
+    return op
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0] if text else ''}"
