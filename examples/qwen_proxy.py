@@ -179,15 +179,16 @@ def create_app(
         def report(error_body: Any = None) -> None:
             if exchange is None:
                 return
-            created = turn.created
             exchange.report(
                 provider="qwen",
                 provider_request=payload,
                 provider_response=error_body if error_body is not None else turn.provider_response(),
-                # Only a finished answer is a safe parent for the next message.
-                parent_id=created.get("response_id") if turn.finished else None,
-                chat_id=created.get("chat_id") or chat_id,
             )
+            if turn.created.get("chat_id"):
+                exchange.report(chat_id=turn.created["chat_id"])
+            if turn.finished and turn.created.get("response_id"):
+                # Only a finished answer is a safe parent for the next message.
+                exchange.report(parent_id=turn.created["response_id"])
 
         headers = {"authorization": f"Bearer {auth}"} if auth else {}
         upstream_request = client.build_request(
