@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from importlib.resources import files
-from pathlib import Path
-
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
 
 from alembic import command
+from qwen_persist._bundled import bundled_dir
 from qwen_persist.engine import make_engine, resolve_database_url
 
 # Our own version table, so the library can share a host database that has its own Alembic history.
@@ -22,14 +20,7 @@ URL_ATTRIBUTE = "qwen_persist.database_url"
 
 def script_location() -> str:
     """The migrations directory: packaged in an installed wheel, else the checkout's ``alembic/``."""
-    packaged = files("qwen_persist") / "migrations"
-    if packaged.is_dir() and (packaged / "env.py").is_file():
-        return str(packaged)
-    # An editable install or a bare checkout: setuptools' package-dir mapping only exists in built wheels.
-    checkout = Path(__file__).resolve().parent.parent / "alembic"
-    if (checkout / "env.py").is_file():
-        return str(checkout)
-    raise RuntimeError("qwen_persist migrations not found: neither a packaged nor a checkout copy exists")
+    return str(bundled_dir("migrations"))
 
 
 def make_config(database_url: str | None = None) -> Config:

@@ -12,10 +12,12 @@ rollback that restored nothing. Here, in the one transaction env.py opens:
   user and metadata read from the body) and one response (``id`` and ``response_id``
   ``legacy-response-<id>``; status, duration, error and provider kept; tokens, finish_reason and the
   upstream id parsed from the stored body); seconds become milliseconds;
-* a body that is not storable JSON (NULL request body, invalid JSON, NaN, NUL characters, lone
-  surrogates) is stored as the raw marker ``{"qwen_persist_raw_text": <text or null>}``;
+* a body that cannot be stored as JSON is stored as the middleware's raw body object
+  ``{"$qwen_persist_raw_body": true, "reason": ..., "encoding": "utf-8", "text": ..., "truncated": false,
+  "size": ...}`` with reason ``not_json`` (invalid JSON, NaN), ``not_storable`` (NUL characters or lone
+  surrogates, which JSONB refuses) or ``missing`` (a NULL request body; ``text`` null);
 * losslessness is checked, not assumed: after the rows are written they are read back and rendered the
-  way the downgrade renders them (compact JSON as JS ``JSON.stringify`` writes it, or the marker's text).
+  way the downgrade renders them (compact JSON as JS ``JSON.stringify`` writes it, or the raw body's text).
   Wherever that differs from the stored text (other spacing, escapes, number spellings, duplicate keys,
   JSONB's key order on PostgreSQL, the JSON text ``null``) the original text is kept in the request's
   ``metadata`` under ``qwen_persist_original_text`` (``{"openai_request": ..., "openai_response": ...}``),
@@ -32,6 +34,7 @@ renamed aside here (``qwen_persist_node_v2_*``) so ours can be created, and 0003
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -48,7 +51,8 @@ down_revision: str | Sequence[str] | None = "0001_v1_baseline"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-RAW_KEY = "qwen_persist_raw_text"
+# The middleware's marker for bodies stored as text (qwen_persist.bodies when this revision was written).
+RAW_MARKER = "$qwen_persist_raw_body"
 ORIGINAL_TEXT_KEY = "qwen_persist_original_text"
 NODE_TABLES = ("sessions", "requests", "responses")
 NODE_ASIDE_PREFIX = "qwen_persist_node_v2_"
@@ -212,14 +216,19 @@ def sync_sequence(bind: sa.Connection, table: str) -> None:
 # --------------------------------------------------------------------------------------- pure helpers
 
 
-def raw_marker(text: str | None) -> dict[str, str | None]:
-    return {RAW_KEY: text}
+def raw_body(text: str | None, reason: str) -> dict[str, Any]:
+    return {
+        RAW_MARKER: True,
+        "reason": reason,
+        "encoding": "utf-8",
+        "text": text,
+        "truncated": False,
+        "size": None if text is None else len(text.encode("utf-8")),
+    }
 
 
-def is_raw_marker(value: Any) -> bool:
-    return (
-        isinstance(value, dict) and set(value) == {RAW_KEY} and isinstance(value[RAW_KEY], (str, type(None)))
-    )
+def is_raw_body(value: Any) -> bool:
+    return isinstance(value, dict) and value.get(RAW_MARKER) is True
 
 
 def _reject_constant(name: str) -> Any:
@@ -249,20 +258,25 @@ def _storable(value: Any) -> bool:
 
 
 def parse_json(text: str) -> Any:
-    """The JSON value of ``text``, or a raw marker holding ``text`` when it cannot be stored as JSON."""
+    """The JSON value of ``text``, or a raw body holding ``text`` when it cannot be stored as JSON."""
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
-        return raw_marker(text)
-    return value if _storable(value) else raw_marker(text)
+        return raw_body(text, "not_json")
+    return value if _storable(value) else raw_body(text, "not_storable")
 
 
 def render_json(value: Any) -> str | None:
-    """The text a body is written back as: the marker's text, or JSON as JS ``JSON.stringify`` writes it."""
+    """The text a body is written back as: the raw body's text, or JSON as JS ``JSON.stringify`` writes it."""
     if value is None:
         return None
-    if is_raw_marker(value):
-        text: str | None = value[RAW_KEY]
+    if is_raw_body(value):
+        text = value.get("text")
+        if not isinstance(text, str):
+            return None
+        if value.get("encoding") == "base64":
+            # Captured bytes that were not UTF-8: the closest a TEXT column can come.
+            return base64.b64decode(text).decode("utf-8", errors="replace")
         return text
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -305,7 +319,7 @@ def request_fields(body: Any) -> dict[str, Any]:
         "first_user_message": "",
         "message_count": 0,
     }
-    if not isinstance(body, dict) or is_raw_marker(body):
+    if not isinstance(body, dict) or is_raw_body(body):
         return fields
     fields["model"] = _text(body.get("model"))
     fields["stream"] = body.get("stream") is True
@@ -332,7 +346,7 @@ def response_fields(body: Any) -> dict[str, Any]:
         "finish_reason": None,
         "has_reply": False,
     }
-    if not isinstance(body, dict) or is_raw_marker(body):
+    if not isinstance(body, dict) or is_raw_body(body):
         return fields
     fields["upstream_id"] = _text(body.get("id"))
     usage = body.get("usage")
@@ -350,7 +364,7 @@ def convert_legacy_row(row: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
     """One ``request_logs`` row as a (session, request, response) row triple."""
     log_id = int(row["id"])
     millis = int(row["created_at"]) * 1000
-    body = raw_marker(None) if row["request_body"] is None else parse_json(row["request_body"])
+    body = raw_body(None, "missing") if row["request_body"] is None else parse_json(row["request_body"])
     answer = None if row["response_body"] is None else parse_json(row["response_body"])
     asked = request_fields(body)
     answered = response_fields(answer)

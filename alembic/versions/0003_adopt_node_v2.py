@@ -13,7 +13,7 @@ default: ``method`` 'POST' and ``path`` '/v1/chat/completions' (the only route t
 ``status_code`` NULL (unknown), ``updated_at``/``last_accessed``/``expires_at`` from the nearest other
 timestamp. Ids, request ids, response ids, session ids and the Node-recorded tokens, finish_reason,
 parent_id, error and duration are kept; values the Node table lacks are parsed from the bodies. TEXT JSON
-goes through 0002's parser (raw marker fallback) and 0002's read-back check, so any body text that
+goes through 0002's parser (raw body fallback) and 0002's read-back check, so any body text that
 compact JSON would not reproduce is kept under ``metadata.qwen_persist_original_text``.
 
 Downgrade leaves the rows where they are, in our tables: putting them back into a foreign schema would
@@ -64,7 +64,7 @@ def convert_session(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def convert_request(split: Any, row: Mapping[str, Any]) -> dict[str, Any]:
     text = row.get("openai_request")
-    body = split.raw_marker(None) if text is None else split.parse_json(text)
+    body = split.raw_body(None, "missing") if text is None else split.parse_json(text)
     asked = split.request_fields(body)
     qwen = row.get("qwen_request")
     timestamp = int(row["timestamp"])
