@@ -16,7 +16,14 @@ RAW_MARKER = "$qwen_persist_raw_body"
 def raw_body(data: bytes, *, reason: str, truncated: bool, size: int) -> dict[str, Any]:
     """The stored form of a body that cannot be stored as the JSON it should have been."""
     text, encoding = _as_text(data, truncated=truncated)
-    return {RAW_MARKER: True, "reason": reason, "encoding": encoding, "text": text, "truncated": truncated, "size": size}
+    return {
+        RAW_MARKER: True,
+        "reason": reason,
+        "encoding": encoding,
+        "text": text,
+        "truncated": truncated,
+        "size": size,
+    }
 
 
 def _as_text(data: bytes, *, truncated: bool) -> tuple[str, str]:
@@ -33,7 +40,9 @@ def is_raw_body(value: Any) -> bool:
     return isinstance(value, dict) and value.get(RAW_MARKER) is True
 
 
-def decode_json_body(data: bytes, *, truncated: bool = False, size: int | None = None) -> tuple[Any, str | None]:
+def decode_json_body(
+    data: bytes, *, truncated: bool = False, size: int | None = None
+) -> tuple[Any, str | None]:
     """Parse a captured body; returns (value to store, problem) where problem names why it is raw.
 
     ``truncated`` says the bytes are only the first part of a larger body (``size`` bytes in all).

@@ -24,7 +24,9 @@ DEFAULT_BATCH_SIZE = 500
 DEFAULT_FLUSH_INTERVAL = 0.05
 DEFAULT_SPILL_DIR = "qwen_persist_spill"
 # Headers that carry credentials; they are never stored, only a keyed fingerprint of the API key.
-SECRET_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "cookie", "set-cookie", "proxy-authorization"})
+SECRET_HEADERS = frozenset(
+    {"authorization", "api-key", "x-api-key", "cookie", "set-cookie", "proxy-authorization"}
+)
 
 
 class ConfigurationError(ValueError):
@@ -102,8 +104,10 @@ def build_settings(
 ) -> Settings:
     """Resolve every option (argument, else environment, else default) and fail on nonsense."""
     env = os.environ if environ is None else environ
-    url = resolve_database_url(database_url) if database_url is not None else (
-        _env("DATABASE_URL", env) or resolve_database_url(None)
+    url = (
+        resolve_database_url(database_url)
+        if database_url is not None
+        else (_env("DATABASE_URL", env) or resolve_database_url(None))
     )
     normalize_url(url)  # raises ValueError with the URL in the message
 
@@ -114,7 +118,9 @@ def build_settings(
         raise ConfigurationError("paths must be a collection of paths, not a single string")
     path_set = frozenset(p.strip() for p in paths if p.strip())
     if not path_set or any(not p.startswith("/") for p in path_set):
-        raise ConfigurationError(f"paths must be non-empty absolute paths starting with '/', got {sorted(path_set)}")
+        raise ConfigurationError(
+            f"paths must be non-empty absolute paths starting with '/', got {sorted(path_set)}"
+        )
 
     header = (session_header or _env("SESSION_HEADER", env) or DEFAULT_SESSION_HEADER).strip().lower()
     if not header or any(c.isspace() or c == ":" for c in header):
@@ -128,7 +134,12 @@ def build_settings(
         paths=path_set,
         session_header=header,
         session_ttl=_number(
-            "session_ttl", session_ttl, _env("SESSION_TTL", env), DEFAULT_SESSION_TTL, integer=False, minimum=1
+            "session_ttl",
+            session_ttl,
+            _env("SESSION_TTL", env),
+            DEFAULT_SESSION_TTL,
+            integer=False,
+            minimum=1,
         ),
         max_body_bytes=_number(
             "max_body_bytes",

@@ -12,7 +12,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -331,7 +330,9 @@ class _ExchangeResponder:
             body_truncated=self.response_truncated,
             ended_ms=self.record.arrived_ms + (end_ns - self.started_ns) // 1_000_000,
             duration_ms=(end_ns - self.started_ns) // 1_000_000,
-            first_byte_ms=None if self.first_byte_ns is None else (self.first_byte_ns - self.started_ns) // 1_000_000,
+            first_byte_ms=None
+            if self.first_byte_ns is None
+            else (self.first_byte_ns - self.started_ns) // 1_000_000,
             error=error,
             stream_result=self.reconstructor.finish() if self.reconstructor is not None else None,
             reports=self.exchange.reports,

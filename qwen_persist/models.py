@@ -7,7 +7,7 @@ Timestamps are integer milliseconds since the epoch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Table,
     Text,
 )
 from sqlalchemy.dialects import postgresql
@@ -119,6 +120,7 @@ class Response(Base):
 
 
 metadata = Base.metadata
-sessions_table = Session.__table__
-requests_table = Request.__table__
-responses_table = Response.__table__
+# Core handles for the writer and the read side, which work with rows rather than ORM objects.
+sessions_table = cast(Table, Session.__table__)
+requests_table = cast(Table, Request.__table__)
+responses_table = cast(Table, Response.__table__)

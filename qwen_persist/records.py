@@ -61,7 +61,7 @@ class CapturedResponse:
     error: str | None = None  # exception text, client_disconnected, ...
     stream_result: StreamResult | None = None  # rebuilt on the request path for streams over max_body_bytes
     reports: Reports | None = None
-    request_messages: int | None = None
+    request: RequestFacts | None = None  # filled in by the writer
 
 
 def _redact(redact: Redactor | None, body: Any, kind: str) -> Any:
@@ -71,22 +71,33 @@ def _redact(redact: Redactor | None, body: Any, kind: str) -> Any:
     return REDACTED if result is None else result
 
 
-def request_op(
-    record: CapturedRequest, *, ttl_ms: int, redact: Redactor | None
-) -> tuple[Op, int]:
-    """The op for a captured request, and the number of messages it carried."""
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the response op needs to know of its request (kept by the writer between the two)."""
+
+    messages: int
+    problem: str | None
+
+
+def request_op(record: CapturedRequest, *, ttl_ms: int, redact: Redactor | None) -> tuple[Op, RequestFacts]:
+    """The op for a captured request, and the facts its response will need."""
     body, problem = decode_json_body(record.body, truncated=record.body_truncated, size=record.body_size)
     session_id, first = resolve_session_id(
-        body, header_value=record.session_header, key_fingerprint=record.key_fingerprint, request_id=record.request_id
+        body,
+        header_value=record.session_header,
+        key_fingerprint=record.key_fingerprint,
+        request_id=record.request_id,
     )
     if record.session_id is not None:
         session_id = record.session_id
     fields = body if isinstance(body, Mapping) else {}
     model, user, metadata = fields.get("model"), fields.get("user"), fields.get("metadata")
     metadata = dict(metadata) if isinstance(metadata, Mapping) else None
-    if problem or not record.body_complete:
-        metadata = {**(metadata or {}), "capture_problem": problem or "request_body_incomplete"}
     messages = message_count(body)
+    if not record.body_complete and problem is None:
+        problem = "body_incomplete"
+    if problem:
+        metadata = {**(metadata or {}), "capture_problem": problem}
     op: Op = {
         "op": "request",
         "session": session_row(session_id, first, messages, record.arrived_ms, ttl_ms),
@@ -104,7 +115,7 @@ def request_op(
             "metadata": metadata,
         },
     }
-    return op, messages
+    return op, RequestFacts(messages, problem)
 
 
 def response_op(record: CapturedResponse, *, redact: Redactor | None) -> Op:
@@ -136,6 +147,9 @@ def response_op(record: CapturedResponse, *, redact: Redactor | None) -> Op:
                 errors.append(_error_message(body["error"]))
     if record.error:
         errors.insert(0, record.error)
+    request = record.request
+    if request is not None and request.problem:
+        errors.insert(0, "request_" + request.problem)
     reports = record.reports or Reports()
     tokens = _tokens(usage)
     op: Op = {
@@ -159,9 +173,10 @@ def response_op(record: CapturedResponse, *, redact: Redactor | None) -> Op:
             "first_byte_ms": record.first_byte_ms,
         },
         "session_update": {
-            "message_count": (record.request_messages + 1)
-            if record.request_messages is not None and finish_reason is not None
-            else record.request_messages,
+            # The reply counts as a message of the conversation once it has finished.
+            "message_count": None
+            if request is None
+            else request.messages + (1 if finish_reason is not None else 0),
             "parent_id": reports.parent_id,
             "chat_id": reports.chat_id,
         },

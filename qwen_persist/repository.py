@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, case, insert, select, update
+from sqlalchemy import Connection, bindparam, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .models import requests_table, responses_table, sessions_table
@@ -22,8 +22,8 @@ Op = dict[str, Any]
 
 @dataclass(slots=True)
 class BatchOutcome:
-    written: int = 0          # ops stored by this batch
-    duplicates: int = 0       # ops already in the database (a replay, or a retry after an unclear commit)
+    written: int = 0  # ops stored by this batch
+    duplicates: int = 0  # ops already in the database (a replay, or a retry after an unclear commit)
     orphans: list[Op] = field(default_factory=list)  # responses whose request row is not there (yet)
     renamed: dict[str, str] = field(default_factory=dict)  # client request id reused -> id stored instead
 
@@ -51,7 +51,9 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
             "updated_at": new.updated_at,
             "last_accessed": new.last_accessed,
             "expires_at": new.expires_at,
-            "message_count": case((new.message_count > table.message_count, new.message_count), else_=table.message_count),
+            "message_count": case(
+                (new.message_count > table.message_count, new.message_count), else_=table.message_count
+            ),
             "chat_id": case((was_expired, None), else_=table.chat_id),
             "parent_id": case((was_expired, None), else_=table.parent_id),
         },
@@ -73,7 +75,10 @@ def _merge_sessions(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_ops(conn: Connection, ops: Sequence[Op], renamed: dict[str, str] | None = None) -> BatchOutcome:
-    """Store a batch of ops in the caller's transaction. ``renamed`` carries request-id renames across batches."""
+    """Store a batch of ops in the caller's transaction.
+
+    ``renamed`` carries request-id renames across batches (a response follows its request's new id).
+    """
     outcome = BatchOutcome()
     renames = renamed if renamed is not None else {}
     request_ops = [op for op in ops if op["op"] == "request"]
@@ -89,7 +94,9 @@ def _write_requests(conn: Connection, ops: list[Op], renames: dict[str, str], ou
     ids = [op["request"]["request_id"] for op in ops]
     existing = dict(
         conn.execute(
-            select(requests_table.c.request_id, requests_table.c.timestamp).where(requests_table.c.request_id.in_(ids))
+            select(requests_table.c.request_id, requests_table.c.timestamp).where(
+                requests_table.c.request_id.in_(ids)
+            )
         ).all()
     )
     rows: list[dict[str, Any]] = []
@@ -137,7 +144,7 @@ def _write_responses(conn: Connection, ops: list[Op], renames: dict[str, str], o
     )
     rows: list[dict[str, Any]] = []
     session_updates: list[dict[str, Any]] = []
-    for op, rid in zip(ops, wanted):
+    for op, rid in zip(ops, wanted, strict=True):
         request = found.get(rid)
         if request is None:
             outcome.orphans.append(op)
@@ -158,7 +165,9 @@ def _write_responses(conn: Connection, ops: list[Op], renames: dict[str, str], o
             }
         )
         if op.get("request_update"):
-            conn.execute(update(requests_table).where(requests_table.c.id == request.id).values(**op["request_update"]))
+            conn.execute(
+                update(requests_table).where(requests_table.c.id == request.id).values(**op["request_update"])
+            )
     if rows:
         conn.execute(insert(responses_table), rows)
         _update_sessions_after_response(conn, session_updates)
@@ -166,8 +175,6 @@ def _write_responses(conn: Connection, ops: list[Op], renames: dict[str, str], o
 
 
 def _update_sessions_after_response(conn: Connection, updates: list[dict[str, Any]]) -> None:
-    from sqlalchemy import bindparam, func
-
     table = sessions_table.c
     count = bindparam("n", type_=sessions_table.c.message_count.type)
     stmt = (

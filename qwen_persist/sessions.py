@@ -28,7 +28,7 @@ def now_ms() -> int:
 
 
 def is_valid_client_id(value: str | None) -> bool:
-    """1–128 printable ASCII characters: what we accept from clients as request or session ids."""
+    """1 to 128 printable ASCII characters: what we accept from clients as request or session ids."""
     return value is not None and 0 < len(value) <= MAX_ID_LENGTH and value.isascii() and value.isprintable()
 
 
@@ -145,9 +145,13 @@ class SessionManager:
     def generate_session_id(body: Any, *, api_key: str | None = None) -> str:
         """The id a request body would get with no session header (derived from its first user message)."""
         fingerprint = api_key_fingerprint(api_key) if api_key else None
-        return resolve_session_id(body, header_value=None, key_fingerprint=fingerprint, request_id=new_request_id())[0]
+        return resolve_session_id(
+            body, header_value=None, key_fingerprint=fingerprint, request_id=new_request_id()
+        )[0]
 
-    async def create(self, session_id: str, first_user_message: str = "", *, chat_id: str | None = None) -> SessionInfo:
+    async def create(
+        self, session_id: str, first_user_message: str = "", *, chat_id: str | None = None
+    ) -> SessionInfo:
         """Create the session, or renew it if it exists (expired ones lose chat_id and parent_id)."""
         return await asyncio.to_thread(self._create, session_id, first_user_message, chat_id)
 
@@ -159,7 +163,9 @@ class SessionManager:
         with self.engine.begin() as conn:
             upsert_sessions(conn, [row])
             if chat_id is not None:
-                conn.execute(update(sessions_table).where(sessions_table.c.id == session_id).values(chat_id=chat_id))
+                conn.execute(
+                    update(sessions_table).where(sessions_table.c.id == session_id).values(chat_id=chat_id)
+                )
             info = self._select(conn, session_id)
         assert info is not None
         return info
@@ -218,7 +224,9 @@ class SessionManager:
 
         def run() -> bool:
             with self.engine.begin() as conn:
-                return bool(conn.execute(delete(sessions_table).where(sessions_table.c.id == session_id)).rowcount)
+                return bool(
+                    conn.execute(delete(sessions_table).where(sessions_table.c.id == session_id)).rowcount
+                )
 
         return await asyncio.to_thread(run)
 
@@ -229,7 +237,11 @@ class SessionManager:
             removed = 0
             while True:
                 with self.engine.begin() as conn:
-                    ids = select(sessions_table.c.id).where(sessions_table.c.expires_at <= now_ms()).limit(batch_size)
+                    ids = (
+                        select(sessions_table.c.id)
+                        .where(sessions_table.c.expires_at <= now_ms())
+                        .limit(batch_size)
+                    )
                     count = conn.execute(delete(sessions_table).where(sessions_table.c.id.in_(ids))).rowcount
                 removed += count
                 if count < batch_size:
@@ -245,20 +257,29 @@ class SessionManager:
                 total, active = conn.execute(
                     select(
                         func.count(),
-                        func.coalesce(func.sum(case((sessions_table.c.expires_at > now_ms(), 1), else_=0)), 0),
+                        func.coalesce(
+                            func.sum(case((sessions_table.c.expires_at > now_ms(), 1), else_=0)), 0
+                        ),
                     )
                 ).one()
             return {"active": int(active), "total": int(total)}
 
         return await asyncio.to_thread(run)
 
-    async def list(self, *, limit: int = 100, offset: int = 0, active_only: bool = False) -> list[SessionInfo]:
+    async def list(
+        self, *, limit: int = 100, offset: int = 0, active_only: bool = False
+    ) -> list[SessionInfo]:
         """Sessions, most recently used first."""
         if not 1 <= limit <= 1000 or offset < 0:
             raise ValueError("limit must be within 1..1000 and offset >= 0")
 
         def run() -> list[SessionInfo]:
-            query = select(sessions_table).order_by(sessions_table.c.last_accessed.desc()).limit(limit).offset(offset)
+            query = (
+                select(sessions_table)
+                .order_by(sessions_table.c.last_accessed.desc())
+                .limit(limit)
+                .offset(offset)
+            )
             if active_only:
                 query = query.where(sessions_table.c.expires_at > now_ms())
             with self.engine.connect() as conn:
@@ -280,7 +301,9 @@ class SessionManager:
         return SessionInfo(**row._mapping) if row is not None else None
 
 
-def session_row(session_id: str, first_user_message: str, messages: int, now: int, ttl_ms: int) -> dict[str, Any]:
+def session_row(
+    session_id: str, first_user_message: str, messages: int, now: int, ttl_ms: int
+) -> dict[str, Any]:
     """A sessions row as a request arriving at ``now`` would create it."""
     return {
         "id": session_id,

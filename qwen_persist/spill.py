@@ -39,7 +39,9 @@ class SpillFile:
                 name = f"spill-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{id(self):x}.jsonl"
                 self.path = self.directory / name
                 self._file = self.path.open("a", encoding="utf-8")
-                log.warning("qwen_persist: spilling records to %s (replay with: qwen-persist replay FILE)", self.path)
+                log.warning(
+                    "qwen_persist: spilling records to %s (replay with: qwen-persist replay FILE)", self.path
+                )
             self._file.writelines(lines)
             self._file.flush()
             os.fsync(self._file.fileno())

@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .config import Settings
-from .records import CapturedRequest, CapturedResponse, request_op, response_op
+from .records import CapturedRequest, CapturedResponse, RequestFacts, request_op, response_op
 from .repository import Op, write_ops
 from .spill import SpillFile
 
@@ -78,7 +78,7 @@ class Writer:
         self._counter_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._atexit_registered = False
-        self._messages: dict[str, int] = {}  # request_id -> messages, for the response's message_count
+        self._requests: dict[str, RequestFacts] = {}  # request_id -> facts, until its response comes
         self._renames: dict[str, str] = {}
         self._accepted = self._written = self._spilled = self._failed = 0
         self._duplicates = self._retries = 0
@@ -209,12 +209,12 @@ class Writer:
         for record in records:
             try:
                 if isinstance(record, CapturedRequest):
-                    op, messages = request_op(
+                    op, facts = request_op(
                         record, ttl_ms=self.settings.session_ttl_ms, redact=self.settings.redact
                     )
-                    self._messages[record.request_id] = messages
+                    self._requests[record.request_id] = facts
                 else:
-                    record.request_messages = self._messages.pop(record.request_id, None)
+                    record.request = self._requests.pop(record.request_id, None)
                     op = response_op(record, redact=self.settings.redact)
                 ops.append(_json_ready(op))
             except Exception:
@@ -266,7 +266,9 @@ class Writer:
     def _write_one_by_one(self, ops: list[Op], cause: SQLAlchemyError) -> None:
         """A batch the database rejected: find the records at fault, store the rest."""
         if len(ops) == 1:
-            log.error("qwen_persist: the database rejected a record (%s); kept in the spill file", _short(cause))
+            log.error(
+                "qwen_persist: the database rejected a record (%s); kept in the spill file", _short(cause)
+            )
             with self._counter_lock:
                 self._failed += 1
             self._spill_ops(ops, reason="rejected by the database")
