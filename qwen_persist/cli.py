@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from qwen_persist import demo
 from qwen_persist.engine import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, normalize_url, resolve_database_url
 
 Handler = Callable[[argparse.Namespace], int]
@@ -145,6 +146,45 @@ def add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
     history.set_defaults(handler=_db_history)
 
 
+# -------------------------------------------------------------------------------------------- replay
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qwen_persist.engine import make_engine
+    from qwen_persist.replay import replay
+
+    url = database_url(args)
+    paths = [Path(name) for name in args.files]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise CLIError(f"no such spill file: {', '.join(missing)}")
+    engine = _database_errors(url, lambda: make_engine(url))
+    try:
+        outcome = _database_errors(url, lambda: replay(engine, paths))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    finally:
+        engine.dispose()
+    print(
+        f"{_safe_url(url)}: {outcome.written} records written, "
+        f"{outcome.duplicates} already stored, {len(outcome.orphans)} responses without a request"
+    )
+    for op in outcome.orphans:
+        print(f"  no request row for response of request_id {op['request_id']}", file=sys.stderr)
+    return 1 if outcome.orphans else 0
+
+
+def add_replay_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay = commands.add_parser(
+        "replay", help="load spill files into the database (idempotent: stored records are skipped)"
+    )
+    replay.add_argument("files", nargs="+", metavar="FILE", help="spill file(s) written by the middleware")
+    add_database_url_option(replay)
+    replay.set_defaults(handler=_replay)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -154,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_db_commands(commands)
+    add_replay_command(commands)
+    demo.add_parser(commands)
     return parser
 
 
