@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
@@ -16,6 +18,10 @@ VERSION_TABLE = "qwen_persist_alembic_version"
 # Config.attributes key through which an explicit URL reaches env.py; it outranks the environment
 # variable there, so ``upgrade(url)`` always migrates ``url``.
 URL_ATTRIBUTE = "qwen_persist.database_url"
+
+# Alembic's `context` and `op` are module-level proxies, so two migrations may not run at once in one
+# process (across processes, env.py serializes them in the database).
+_RUN_LOCK = threading.Lock()
 
 
 def script_location() -> str:
@@ -35,12 +41,14 @@ def make_config(database_url: str | None = None) -> Config:
 
 def upgrade(database_url: str | None = None, revision: str = "head") -> None:
     """Upgrade the database to ``revision``; concurrent callers are serialized (see env.py)."""
-    command.upgrade(make_config(database_url), revision)
+    with _RUN_LOCK:
+        command.upgrade(make_config(database_url), revision)
 
 
 def downgrade(database_url: str | None, revision: str) -> None:
     """Downgrade the database to ``revision`` (``"base"`` removes everything the migrations created)."""
-    command.downgrade(make_config(database_url), revision)
+    with _RUN_LOCK:
+        command.downgrade(make_config(database_url), revision)
 
 
 def current(database_url: str | None = None) -> str | None:
