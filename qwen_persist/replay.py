@@ -33,14 +33,25 @@ def _batches(ops: Iterable[Op]) -> Iterator[list[Op]]:
 
 
 def replay(engine: Engine, paths: Iterable[Path]) -> ReplayOutcome:
-    """Write every op of the spill files, in order, one transaction per batch."""
+    """Write every op of the spill files, in order, one transaction per batch.
+
+    A response can be spilled before its request (the request path spills when the queue is full while
+    the writer still holds the request), so responses without a request are tried again at the end.
+    """
     outcome = ReplayOutcome()
     renames: dict[str, str] = {}
+    waiting: list[Op] = []
     for path in paths:
         for batch in _batches(read_spill(path)):
-            with engine.begin() as conn:
-                result = write_ops(conn, batch, renames)
-            outcome.written += result.written
-            outcome.duplicates += result.duplicates
-            outcome.orphans.extend(result.orphans)
+            waiting.extend(_write(engine, batch, renames, outcome))
+    for batch in _batches(waiting):
+        outcome.orphans.extend(_write(engine, batch, renames, outcome))
     return outcome
+
+
+def _write(engine: Engine, batch: list[Op], renames: dict[str, str], outcome: ReplayOutcome) -> list[Op]:
+    with engine.begin() as conn:
+        result = write_ops(conn, batch, renames)
+    outcome.written += result.written
+    outcome.duplicates += result.duplicates
+    return result.orphans

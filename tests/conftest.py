@@ -58,6 +58,12 @@ def _fresh_postgres_database(admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (``@pytest.mark.anyio``) run on asyncio, the loop uvicorn and the middleware use."""
+    return "asyncio"
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'test.db'}"
 

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -19,6 +20,8 @@ from qwen_persist.models import Request as RequestRow
 from qwen_persist.models import Response as ResponseRow
 from qwen_persist.models import Session as SessionRow
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @contextmanager
 def serve(app: Any) -> Iterator[str]:
@@ -27,9 +30,12 @@ def serve(app: Any) -> Iterator[str]:
     Leaving the block runs the app's lifespan shutdown, which is where the middleware flushes.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # Handed a socket, uvicorn does not set TCP_NODELAY itself; without it keep-alive requests stall
+    # on Nagle's algorithm (about 40 ms each).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="auto"))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     try:
