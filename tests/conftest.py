@@ -39,6 +39,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     admin_url = _postgres_admin_url()
     if admin_url is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{POSTGRES_URL_ENV} must be set in CI: the PostgreSQL tests must run, not skip")
         pytest.skip(f"{POSTGRES_URL_ENV} is not set")
     yield from _fresh_postgres_database(admin_url)
 
