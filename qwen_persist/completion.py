@@ -1,0 +1,486 @@
+"""Rebuild one ``chat.completion`` object from the chunks of a streamed chat completion.
+
+For OpenAI-format streams the result equals what the official SDK's accumulator
+(``openai.lib.streaming.chat.ChatCompletionStreamState``) builds from the same chunks, minus the SDK's own
+additions (``parsed``, ``parsed_arguments``, the ``index`` of tool calls). Where the SDK's merge is
+accidental rather than meaningful we depart from it on purpose, and only there:
+
+* ``role`` is replaced, never concatenated (Qwen repeats it in every delta; the SDK would build
+  ``"assistantassistant…"``);
+* a tool call's ``id``, ``type`` and ``function.name`` come from the first fragment that carries them
+  (some servers repeat them in every fragment; the SDK concatenates ``id`` and ``name``);
+* tool calls are merged by their ``index`` field and sorted by it, not by arrival position;
+* top-level and choice-level scalars (``system_fingerprint``, ``service_tier``, ``usage``, unknown fields)
+  take the last non-null value; the SDK takes most of them from the first chunk only and lets a later
+  chunk without ``usage`` or ``system_fingerprint`` erase them;
+* a list of entries without ``index`` is extended instead of raising, and nothing here ever raises on
+  odd input: malformed payloads are counted.
+
+Qwen web API native stream (chat.qwen.ai ``/api/v2/chat/completions``), as observed in public proxies of
+that site (a format assumption, not a published contract)::
+
+    data: {"response.created": {"chat_id": "…", "parent_id": "…", "response_id": "…"}}
+    data: {"choices": [{"delta": {"role": "assistant", "content": "…", "phase": "think",
+           "status": "typing"}}], "usage": {"input_tokens": 9, "output_tokens": 3}, "response_id": "…"}
+    data: {"choices": [{"delta": {"content": "", "phase": "thinking_summary", "status": "finished",
+           "extra": {"summary_thought": {"content": ["…", "…"]}}}}], …}
+    data: {"choices": [{"delta": {"content": "…", "phase": "answer", "status": "typing"}}], …}
+    data: {"choices": [{"delta": {"content": "", "phase": "answer", "status": "finished"}}], …}
+
+There is no ``[DONE]``: ``status: "finished"`` outside a thinking phase ends the answer (a thinking
+phase's own ``finished`` only closes the reasoning). Thinking phases (``think``, ``thinking``,
+``thinking_summary``) feed ``reasoning_content``; ``thinking_summary`` frames carry a cumulative list of
+summary paragraphs in ``extra.summary_thought.content``, of which only the new ones are appended. Usage is
+cumulative (last wins) and named ``input_tokens``/``output_tokens``. Deltas with ``role: "function"`` are
+the platform's own tool traffic (web search and the like), not the assistant's message, and are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qwen_persist.sse import ServerSentEvent, SSEDecoder
+
+__all__ = ["ChatCompletionAccumulator", "StreamResult", "reconstruct_stream"]
+
+_THINK_PHASES = frozenset({"think", "thinking", "thinking_summary"})
+# Identity of the completion: every chunk repeats it, the first value is the one the SDK keeps.
+_FIRST_WINS = ("id", "created", "model")
+# Per-chunk noise (anti side-channel padding) that the SDK also drops.
+_DROPPED_TOP = frozenset({"obfuscation"})
+_USAGE_RENAMES = {
+    "input_tokens": "prompt_tokens",
+    "output_tokens": "completion_tokens",
+    "input_tokens_details": "prompt_tokens_details",
+    "output_tokens_details": "completion_tokens_details",
+}
+
+
+def _loads(data: str) -> Any:
+    """The one place stream payloads are parsed (kept alone so the JSON library can be swapped)."""
+    return json.loads(data)
+
+
+@dataclass(slots=True)
+class StreamResult:
+    """What a stream amounted to; see the module docstring for the merge rules."""
+
+    completion: dict[str, Any] | None
+    done: bool
+    complete: bool
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+    upstream_id: str | None
+    error: dict[str, Any] | None
+    chat_id: str | None = None
+    parent_id: str | None = None
+    response_id: str | None = None
+    events: int = 0
+    malformed: int = 0
+
+
+class _Text:
+    """A string built from fragments; joined once when rendered, so long streams stay linear."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, first: str) -> None:
+        self.parts = [first]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fresh(value: Any) -> Any:
+    if isinstance(value, str):
+        return _Text(value)
+    if isinstance(value, Mapping):
+        acc: dict[str, Any] = {}
+        _merge(acc, value)
+        return acc
+    if isinstance(value, list):
+        items: list[Any] = []
+        _extend(items, value)
+        return items
+    return value
+
+
+def _merge(acc: dict[str, Any], delta: Mapping[str, Any]) -> None:
+    """Merge a delta the way the SDK does: strings and numbers add up, objects merge, lists grow."""
+    for key, value in delta.items():
+        current = acc.get(key)
+        if value is None:
+            # A null never erases what was streamed, but the key itself is part of the message.
+            acc.setdefault(key, None)
+        elif current is None or key in ("index", "type"):
+            # `index` and `type` identify an entry or a union member: they are replaced, not summed.
+            acc[key] = _fresh(value)
+        elif isinstance(current, _Text) and isinstance(value, str):
+            current.parts.append(value)
+        elif isinstance(current, dict) and isinstance(value, Mapping):
+            _merge(current, value)
+        elif isinstance(current, list) and isinstance(value, list):
+            _extend(current, value)
+        elif _is_number(current) and _is_number(value):
+            acc[key] = current + value
+        else:
+            acc[key] = _fresh(value)
+
+
+def _extend(acc: list[Any], delta: list[Any]) -> None:
+    """Entries that carry an integer ``index`` update the entry with that index; others are appended."""
+    for entry in delta:
+        index = entry.get("index") if isinstance(entry, Mapping) else None
+        if isinstance(index, int):
+            target = next((e for e in acc if isinstance(e, dict) and e.get("index") == index), None)
+            if target is not None:
+                _merge(target, entry)
+                continue
+        acc.append(_fresh(entry))
+
+
+def _render(value: Any) -> Any:
+    if isinstance(value, _Text):
+        return "".join(value.parts)
+    if isinstance(value, dict):
+        return {key: _render(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_render(item) for item in value]
+    return value
+
+
+def _normalize_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
+    """Map Qwen/DashScope usage names onto OpenAI's, keeping every other field."""
+    out = {_USAGE_RENAMES.get(key, key): value for key, value in usage.items()}
+    if (
+        "total_tokens" not in out
+        and _is_number(out.get("prompt_tokens"))
+        and _is_number(out.get("completion_tokens"))
+    ):
+        out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    return out
+
+
+class _ToolCall:
+    __slots__ = ("extra", "function", "id", "type")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.type: str | None = None
+        self.function: dict[str, Any] | None = None
+        self.extra: dict[str, Any] = {}
+
+    def add(self, fragment: Mapping[str, Any]) -> None:
+        for key, value in fragment.items():
+            if key == "index":
+                continue
+            if key in ("id", "type"):
+                # Empty placeholders some servers send before the real value do not count as "first".
+                if not getattr(self, key) and value is not None:
+                    setattr(self, key, value)
+            elif key == "function" and isinstance(value, Mapping):
+                self._add_function(value)
+            else:
+                _merge(self.extra, {key: value})
+
+    def _add_function(self, fragment: Mapping[str, Any]) -> None:
+        if self.function is None:
+            self.function = {}
+        function = self.function
+        for key, value in fragment.items():
+            if key == "name":
+                if not function.get("name") and value is not None:
+                    function["name"] = value
+            else:
+                _merge(function, {key: value})
+
+    def render(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "type": self.type}
+        if self.function is not None:
+            out["function"] = _render(self.function)
+        out.update(_render(self.extra))
+        return out
+
+
+class _Choice:
+    __slots__ = ("extra", "finish_reason", "index", "logprobs", "message", "summary_seen", "tool_calls")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.message: dict[str, Any] = {}
+        self.tool_calls: dict[int, _ToolCall] = {}
+        self.finish_reason: str | None = None
+        self.logprobs: dict[str, Any] | None = None
+        self.extra: dict[str, Any] = {}
+        self.summary_seen = 0  # Qwen `thinking_summary` paragraphs already appended
+
+    def add(self, choice: Mapping[str, Any]) -> bool:
+        """Merge one chunk's choice; return True when it is a Qwen native end of answer."""
+        finished = False
+        for key, value in choice.items():
+            if key == "delta":
+                if isinstance(value, Mapping):
+                    finished = self._add_delta(value)
+            elif key == "finish_reason":
+                if value:  # the SDK ignores empty strings too
+                    self.finish_reason = value
+            elif key == "logprobs":
+                self._add_logprobs(value)
+            elif key != "index" and (value is not None or key not in self.extra):
+                self.extra[key] = value
+        if finished and self.finish_reason is None:
+            self.finish_reason = "stop"
+        return finished
+
+    def _add_delta(self, delta: Mapping[str, Any]) -> bool:
+        if "phase" in delta or "status" in delta:
+            return self._add_qwen_delta(delta)
+        self._add_openai_delta(delta)
+        return False
+
+    def _add_openai_delta(self, delta: Mapping[str, Any]) -> None:
+        for key, value in delta.items():
+            if key == "role":
+                if value is not None or key not in self.message:
+                    self.message["role"] = value
+            elif key == "tool_calls":
+                # The calls live in self.tool_calls; the key only records that the delta named it.
+                self.message.setdefault("tool_calls", None)
+                if isinstance(value, list):
+                    self._add_tool_calls(value)
+            else:
+                _merge(self.message, {key: value})
+
+    def _add_tool_calls(self, fragments: list[Any]) -> None:
+        for fragment in fragments:
+            if not isinstance(fragment, Mapping):
+                continue
+            index = fragment.get("index")
+            if not isinstance(index, int):
+                # No index (seen on a few OpenAI-compatible servers): a fragment with an id opens a new
+                # call, any other continues the latest one.
+                index = max(self.tool_calls, default=-1)
+                if index < 0 or fragment.get("id") is not None:
+                    index += 1
+            call = self.tool_calls.get(index)
+            if call is None:
+                call = self.tool_calls[index] = _ToolCall()
+            call.add(fragment)
+
+    def _add_qwen_delta(self, delta: Mapping[str, Any]) -> bool:
+        if delta.get("role") == "function":
+            return False
+        phase = delta.get("phase")
+        thinking = phase in _THINK_PHASES
+        rest = {key: value for key, value in delta.items() if key not in ("phase", "status", "extra")}
+        content = rest.pop("content", None)
+        if thinking:
+            text = content if isinstance(content, str) else ""
+            if phase == "thinking_summary":
+                text += self._new_summary(delta.get("extra"))
+            if text:
+                _merge(self.message, {"reasoning_content": text})
+        elif content is not None:
+            _merge(self.message, {"content": content})
+        self._add_openai_delta(rest)
+        return delta.get("status") == "finished" and not thinking
+
+    def _new_summary(self, extra: Any) -> str:
+        thought = extra.get("summary_thought") if isinstance(extra, Mapping) else None
+        paragraphs = thought.get("content") if isinstance(thought, Mapping) else None
+        if not isinstance(paragraphs, list) or len(paragraphs) <= self.summary_seen:
+            return ""
+        new = [p for p in paragraphs[self.summary_seen :] if isinstance(p, str) and p]
+        self.summary_seen = len(paragraphs)
+        return "\n".join(new)
+
+    def _add_logprobs(self, logprobs: Any) -> None:
+        if not isinstance(logprobs, Mapping):
+            return
+        if self.logprobs is None:
+            # The first logprobs object is taken as is (an empty list stays an empty list), like the SDK.
+            self.logprobs = {
+                key: list(value) if isinstance(value, list) else value
+                for key, value in logprobs.items()
+                if key in ("content", "refusal")
+            }
+            self.logprobs.setdefault("content", None)
+            self.logprobs.setdefault("refusal", None)
+            return
+        for key in ("content", "refusal"):
+            items = logprobs.get(key)
+            if isinstance(items, list) and items:
+                existing = self.logprobs.get(key)
+                if isinstance(existing, list):
+                    existing.extend(items)
+                else:
+                    self.logprobs[key] = list(items)
+
+    def render(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": None}
+        for key, value in self.message.items():
+            if key == "tool_calls":
+                calls = [self.tool_calls[i].render() for i in sorted(self.tool_calls)]
+                message[key] = calls or None
+            else:
+                message[key] = _render(value)
+        out: dict[str, Any] = {
+            "index": self.index,
+            "message": message,
+            "logprobs": _render(self.logprobs),
+            "finish_reason": self.finish_reason,
+        }
+        for key, value in self.extra.items():
+            out.setdefault(key, value)
+        return out
+
+
+class ChatCompletionAccumulator:
+    """Feed SSE events (or parsed chunks); ``result()`` gives the completion rebuilt so far."""
+
+    def __init__(self) -> None:
+        self._top: dict[str, Any] = {}
+        self._choices: dict[int, _Choice] = {}
+        self._usage: dict[str, Any] | None = None
+        self._error: dict[str, Any] | None = None
+        self._seen_chunk = False
+        self._done = False
+        self._chat_id: str | None = None
+        self._parent_id: str | None = None
+        self._response_id: str | None = None
+        self._events = 0
+        self._malformed = 0
+
+    def add_event(self, event: ServerSentEvent) -> None:
+        """Handle one SSE event: ``[DONE]``, a JSON chunk, an error event, or a Qwen native frame."""
+        self._events += 1
+        data = event.data
+        if data.strip() == "[DONE]":
+            self._done = True
+            return
+        try:
+            payload = _loads(data)
+        except ValueError:
+            payload = None
+        if event.event == "error":
+            self._set_error(payload if payload is not None else data)
+        elif isinstance(payload, dict):
+            self.add_chunk(payload)
+        else:
+            self._malformed += 1
+
+    def add_chunk(self, chunk: Mapping[str, Any]) -> None:
+        """Merge one parsed chunk."""
+        for key, value in chunk.items():
+            if key == "choices":
+                self._seen_chunk = True
+                if isinstance(value, list):
+                    self._add_choices(value)
+            elif key == "usage":
+                if isinstance(value, Mapping):
+                    self._usage = _normalize_usage(value)
+            elif key == "error":
+                if value is not None:
+                    self._set_error(value)
+            elif key == "response.created":
+                self._add_created(value)
+            elif key == "response_id":
+                if isinstance(value, str):
+                    self._response_id = value
+            elif key in _FIRST_WINS:
+                self._seen_chunk = True
+                if self._top.get(key) is None:
+                    self._top[key] = value
+            elif key not in _DROPPED_TOP and (value is not None or key not in self._top):
+                self._seen_chunk = True
+                self._top[key] = value
+
+    def result(self) -> StreamResult:
+        """The stream as understood so far; cheap enough to call at any time and free of side effects."""
+        choices = [self._choices[i].render() for i in sorted(self._choices)]
+        completion: dict[str, Any] | None = None
+        if self._seen_chunk or self._choices:
+            completion = {"id": None, "object": "chat.completion", "created": None, "model": None}
+            completion.update(self._top)
+            completion["object"] = "chat.completion"
+            completion["choices"] = choices
+            completion["usage"] = self._usage
+            completion.setdefault("system_fingerprint", None)
+        finished = bool(choices) and all(choice["finish_reason"] for choice in choices)
+        return StreamResult(
+            completion=completion,
+            done=self._done,
+            complete=self._done and finished and self._error is None,
+            finish_reason=choices[0]["finish_reason"] if choices else None,
+            usage=self._usage,
+            upstream_id=self._top.get("id"),
+            error=self._error,
+            chat_id=self._chat_id,
+            parent_id=self._parent_id,
+            response_id=self._response_id,
+            events=self._events,
+            malformed=self._malformed,
+        )
+
+    def _add_choices(self, choices: list[Any]) -> None:
+        for raw in choices:
+            if not isinstance(raw, Mapping):
+                continue
+            index = raw.get("index", 0)
+            if not isinstance(index, int):
+                continue
+            choice = self._choices.get(index)
+            if choice is None:
+                choice = self._choices[index] = _Choice(index)
+            if choice.add(raw):
+                self._done = True
+
+    def _add_created(self, created: Any) -> None:
+        if not isinstance(created, Mapping):
+            return
+        for key in ("chat_id", "parent_id", "response_id"):
+            value = created.get(key)
+            if isinstance(value, str):
+                setattr(self, f"_{key}", value)
+
+    def _set_error(self, error: Any) -> None:
+        if isinstance(error, Mapping):
+            inner = error.get("error")
+            self._error = dict(inner) if isinstance(inner, Mapping) else dict(error)
+        else:
+            self._error = {"message": str(error)}
+
+
+class StreamReconstructor:
+    """Incremental decode + accumulate: feed network chunks as they pass, then `finish` once."""
+
+    __slots__ = ("_accumulator", "_decoder")
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+        self._accumulator = ChatCompletionAccumulator()
+
+    def feed(self, chunk: bytes) -> None:
+        for event in self._decoder.feed(chunk):
+            self._accumulator.add_event(event)
+
+    def finish(self) -> StreamResult:
+        """The rebuilt completion; a stream cut mid-event is never complete."""
+        for event in self._decoder.close():
+            self._accumulator.add_event(event)
+        result = self._accumulator.result()
+        if self._decoder.unterminated:
+            result.complete = False
+        return result
+
+
+def reconstruct_stream(chunks: Iterable[bytes]) -> StreamResult:
+    """Decode an SSE byte stream and rebuild its completion; a stream cut mid-event is never complete."""
+    reconstructor = StreamReconstructor()
+    for chunk in chunks:
+        reconstructor.feed(chunk)
+    return reconstructor.finish()
