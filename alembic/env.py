@@ -21,7 +21,8 @@ from qwen_persist.models import TABLE_NAMES, metadata
 PG_MIGRATION_LOCK_KEY = 0x7177656E5F6D6967  # "qwen_mig"
 
 config = context.config
-if config.config_file_name is not None:
+# A user's two-line alembic.ini has no logging sections; fileConfig would fail on it.
+if config.config_file_name is not None and config.file_config.has_section("loggers"):
     # Keep the host application's loggers alive when it runs migrations in-process.
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
