@@ -295,8 +295,9 @@ class _Choice:
         if not isinstance(paragraphs, list) or len(paragraphs) <= self.summary_seen:
             return ""
         new = [p for p in paragraphs[self.summary_seen :] if isinstance(p, str) and p]
+        separator = "\n" if new and self.message.get("reasoning_content") is not None else ""
         self.summary_seen = len(paragraphs)
-        return "\n".join(new)
+        return separator + "\n".join(new)
 
     def _add_logprobs(self, logprobs: Any) -> None:
         if not isinstance(logprobs, Mapping):

@@ -23,7 +23,11 @@ _BOM = "\ufeff"
 
 @dataclass(frozen=True, slots=True)
 class ServerSentEvent:
-    """One dispatched event. ``id`` is the last event id in force at dispatch, ``None`` if never set."""
+    """One dispatched event.
+
+    ``id`` is the last event id in force at dispatch (``None`` if the stream never set one); ``retry`` is the
+    reconnection time given inside this event's own block, if any.
+    """
 
     event: str = "message"
     data: str = ""

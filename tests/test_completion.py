@@ -467,7 +467,7 @@ def test_qwen_thinking_summary_appends_only_new_paragraphs() -> None:
     result = reconstruct_stream(
         [sse(summary("Plan."), summary("Plan.", "Check."), summary("Plan.", "Check.", status="finished"))]
     )
-    assert message(result)["reasoning_content"] == "Plan.Check."
+    assert message(result)["reasoning_content"] == "Plan.\nCheck."
 
 
 def test_qwen_platform_tool_frames_are_not_the_answer() -> None:
