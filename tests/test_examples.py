@@ -6,13 +6,10 @@ on 127.0.0.1 so that streaming, connection handling and the official SDK are the
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,21 +17,10 @@ from typing import Any
 import fake_upstream
 import httpx
 import pytest
-import uvicorn
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from qwen_persist.engine import make_engine
-from qwen_persist.models import Request as RequestRow
-from qwen_persist.models import Response as ResponseRow
+from support import serve, stored_exchanges
 
 CLOCK = 1_700_000_000
 USER = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture
@@ -305,28 +291,6 @@ async def test_same_requests_same_bytes_across_apps() -> None:
 # --- the proxies, under a real uvicorn ----------------------------------------------------------------
 
 
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a thread on a free 127.0.0.1 port; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else keep-alive requests stall ~40 ms
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-
-
 def load_proxy(name: str) -> ModuleType:
     # Imported lazily: the proxies import the middleware, the fake upstream tests above do not need it.
     return __import__(name)
@@ -413,22 +377,6 @@ def test_openai_sdk_through_proxy_without_persistence(proxy_name: str) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 7
 
 
-def stored_rows(database_url: str) -> list[tuple[RequestRow, ResponseRow | None]]:
-    engine = make_engine(database_url)
-    try:
-        with Session(engine) as session:
-            query = (
-                select(RequestRow, ResponseRow)
-                .outerjoin(ResponseRow, ResponseRow.request_id == RequestRow.id)
-                .order_by(RequestRow.id)
-            )
-            result = [(row[0], row[1]) for row in session.execute(query)]
-            session.expunge_all()
-            return result
-    finally:
-        engine.dispose()
-
-
 @pytest.mark.parametrize("proxy_name", PROXIES)
 def test_openai_sdk_through_recorded_proxy(proxy_name: str, tmp_path: Path) -> None:
     proxy_module = load_proxy(proxy_name)
@@ -451,7 +399,7 @@ def test_openai_sdk_through_recorded_proxy(proxy_name: str, tmp_path: Path) -> N
                 if c.choices and c.choices[0].delta.tool_calls
             )
         # Leaving `serve` ran the lifespan shutdown, which flushes everything queued.
-    stored = stored_rows(database_url)
+    stored = stored_exchanges(database_url)
     assert [(req.model, req.stream) for req, _ in stored] == [("fake-text", False), ("fake-tool", True)]
     first, second = (resp for _, resp in stored)
     assert first is not None and second is not None
@@ -493,7 +441,7 @@ def test_qwen_proxy_continues_the_upstream_chat(tmp_path: Path) -> None:
         f"Echo: second question (turn 2 of {chat_id})",
         f"Echo: third question (turn 3 of {chat_id})",
     ]
-    stored = stored_rows(database_url)
+    stored = stored_exchanges(database_url)
     assert len(stored) == 3
     assert len({req.session_id for req, _ in stored}) == 1
     for req, resp in stored:
