@@ -109,7 +109,10 @@ def build_settings(
         if database_url is not None
         else (_env("DATABASE_URL", env) or resolve_database_url(None))
     )
-    normalize_url(url)  # raises ValueError with the URL in the message
+    try:
+        normalize_url(url)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
 
     if paths is None:
         env_paths = _env("PATHS", env)

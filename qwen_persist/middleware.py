@@ -13,10 +13,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from sqlalchemy.exc import NoSuchModuleError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .completion import StreamReconstructor
-from .config import Redactor, Settings, build_settings
+from .config import ConfigurationError, Redactor, Settings, build_settings
 from .engine import make_engine
 from .exchange import SCOPE_KEY, Exchange
 from .records import CapturedRequest, CapturedResponse
@@ -70,7 +71,13 @@ class PersistenceMiddleware:
             auto_upgrade=auto_upgrade,
             secret_headers=secret_headers,
         )
-        self.engine = make_engine(self.settings.database_url)
+        try:
+            self.engine = make_engine(self.settings.database_url)
+        except (ImportError, NoSuchModuleError) as exc:
+            raise ConfigurationError(
+                f"no database driver for {self.settings.database_url.split(':', 1)[0]} URLs ({exc}); "
+                "for PostgreSQL install qwen-persist[postgres]"
+            ) from None
         self.writer = Writer(self.settings, self.engine)
         self.sessions = SessionManager(self.engine, ttl=self.settings.session_ttl)
         self._session_header = self.settings.session_header.encode("latin-1")
