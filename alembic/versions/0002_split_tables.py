@@ -360,7 +360,7 @@ def response_fields(body: Any) -> dict[str, Any]:
     return fields
 
 
-def convert_legacy_row(row: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def convert_legacy_row(row: Mapping[Any, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """One ``request_logs`` row as a (session, request, response) row triple."""
     log_id = int(row["id"])
     millis = int(row["created_at"]) * 1000
@@ -425,7 +425,7 @@ def original_texts(metadata: Any) -> dict[str, Any]:
     return kept if isinstance(kept, dict) else {}
 
 
-def legacy_row(row: Mapping[str, Any]) -> dict[str, Any]:
+def legacy_row(row: Mapping[Any, Any]) -> dict[str, Any]:
     """A ``request_logs`` row from a request joined with its response (columns prefixed ``response_``)."""
     kept = original_texts(row["metadata"])
     request_body = kept["openai_request"] if "openai_request" in kept else render_json(row["openai_request"])

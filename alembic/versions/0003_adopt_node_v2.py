@@ -45,7 +45,7 @@ def _flag(value: Any) -> bool:
     return str(value).lower() in ("1", "true")
 
 
-def convert_session(row: Mapping[str, Any]) -> dict[str, Any]:
+def convert_session(row: Mapping[Any, Any]) -> dict[str, Any]:
     created = int(row["created_at"])
     updated = int(_first(row.get("updated_at"), row.get("last_accessed"), created))
     accessed = int(_first(row.get("last_accessed"), updated))
@@ -62,7 +62,7 @@ def convert_session(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def convert_request(split: Any, row: Mapping[str, Any]) -> dict[str, Any]:
+def convert_request(split: Any, row: Mapping[Any, Any]) -> dict[str, Any]:
     text = row.get("openai_request")
     body = split.raw_body(None, "missing") if text is None else split.parse_json(text)
     asked = split.request_fields(body)
@@ -87,7 +87,7 @@ def convert_request(split: Any, row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def convert_response(split: Any, row: Mapping[str, Any]) -> dict[str, Any]:
+def convert_response(split: Any, row: Mapping[Any, Any]) -> dict[str, Any]:
     text = row.get("openai_response")
     answer = None if text is None else split.parse_json(text)
     answered = split.response_fields(answer)
