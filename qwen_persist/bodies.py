@@ -28,12 +28,16 @@ def raw_body(data: bytes, *, reason: str, truncated: bool, size: int) -> dict[st
 
 def _as_text(data: bytes, *, truncated: bool) -> tuple[str, str]:
     try:
-        return data.decode("utf-8"), "utf-8"
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         # A cut at max_body_bytes can split the last character; what comes before it is still text.
         if truncated and exc.reason == "unexpected end of data":
-            return data[: exc.start].decode("utf-8", errors="replace"), "utf-8"
+            text = data[: exc.start].decode("utf-8", errors="replace")
+        else:
+            return base64.b64encode(data).decode("ascii"), "base64"
+    if "\x00" in text:  # no NUL in a PostgreSQL TEXT or JSONB value
         return base64.b64encode(data).decode("ascii"), "base64"
+    return text, "utf-8"
 
 
 def is_raw_body(value: Any) -> bool:
@@ -55,6 +59,10 @@ def decode_json_body(
     except UnicodeDecodeError:
         return raw_body(data, reason="not_utf8", truncated=False, size=total), "body_not_utf8"
     try:
-        return json.loads(text), None
+        value = json.loads(text)
     except ValueError:
         return raw_body(data, reason="not_json", truncated=False, size=total), "body_not_json"
+    if "\\u0000" in text:
+        # PostgreSQL's JSONB and TEXT cannot hold NUL characters; the escaped text keeps it faithfully.
+        return raw_body(data, reason="nul_character", truncated=False, size=total), "body_has_nul_character"
+    return value, None

@@ -254,7 +254,8 @@ def test_bodies_that_are_not_json_reach_the_app_and_are_recorded(
     upstream_url: str, migrated_url: str, tmp_path: Path
 ) -> None:
     oversized = json.dumps({"model": "fake-text", "messages": USER, "pad": "x" * 5000}).encode()
-    bodies = [b"{not json", b"\xff\xfe\x00garbage", oversized]
+    with_nul = b'{"model": "fake-text", "messages": [{"role": "user", "content": "a\\u0000b"}]}'
+    bodies = [b"{not json", b"\xff\xfe\x00garbage", oversized, with_nul, b"nul\x00byte"]
     with (
         serve(proxy_app(upstream_url, migrated_url, tmp_path, max_body_bytes=4096)) as base,
         httpx.Client() as http,
@@ -266,11 +267,13 @@ def test_bodies_that_are_not_json_reach_the_app_and_are_recorded(
             for body in bodies
         ]
     # The fake upstream answers 400 to what it cannot parse and 200 to the big body: it got them whole.
-    assert [r.status_code for r in statuses] == [400, 400, 200]
+    assert [r.status_code for r in statuses] == [400, 400, 200, 200, 400]
     stored = stored_exchanges(migrated_url)
     reasons = [req.openai_request["reason"] for req, _ in stored]
-    assert reasons == ["not_json", "not_utf8", "too_large"]
-    first, second, third = (req.openai_request for req, _ in stored)
+    assert reasons == ["not_json", "not_utf8", "too_large", "nul_character", "not_json"]
+    first, second, third, fourth, fifth = (req.openai_request for req, _ in stored)
+    # NUL characters cannot live in PostgreSQL text: the escaped JSON text, or base64 of raw bytes.
+    assert fourth["text"] == with_nul.decode() and fifth["encoding"] == "base64"
     assert first[RAW_MARKER] is True and first["text"] == "{not json" and first["encoding"] == "utf-8"
     assert second["encoding"] == "base64" and second["truncated"] is False
     assert third["truncated"] is True and third["size"] == len(oversized) and len(third["text"]) == 4096
@@ -278,10 +281,18 @@ def test_bodies_that_are_not_json_reach_the_app_and_are_recorded(
         "body_not_json",
         "body_not_utf8",
         "body_too_large",
+        "body_has_nul_character",
+        "body_not_json",
     ]
     # The response row says why too: its error names the request problem first.
     errors = [resp.error.split(";")[0] if resp is not None and resp.error else None for _, resp in stored]
-    assert errors == ["request_body_not_json", "request_body_not_utf8", "request_body_too_large"]
+    assert errors == [
+        "request_body_not_json",
+        "request_body_not_utf8",
+        "request_body_too_large",
+        "request_body_has_nul_character",
+        "request_body_not_json",
+    ]
 
 
 def test_secrets_never_reach_the_database(upstream_url: str, migrated_url: str, tmp_path: Path) -> None:
