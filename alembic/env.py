@@ -10,9 +10,9 @@ import os
 from logging.config import fileConfig
 from typing import Any
 
+from alembic import context
 from sqlalchemy import Connection, event, inspect, pool, text
 
-from alembic import context
 from qwen_persist.engine import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, make_engine
 from qwen_persist.migrate import URL_ATTRIBUTE, VERSION_TABLE
 from qwen_persist.models import TABLE_NAMES, metadata

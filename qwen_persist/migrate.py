@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 
+from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
 
-from alembic import command
 from qwen_persist._bundled import bundled_dir
 from qwen_persist.engine import make_engine, resolve_database_url
 

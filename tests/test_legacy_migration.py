@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from sqlalchemy import inspect, select, text
 
-from alembic import command
 from qwen_persist import migrate
 from qwen_persist.engine import make_engine
 from qwen_persist.models import requests_table, responses_table, sessions_table

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from sqlalchemy import inspect, text
 
-from alembic import command
 from qwen_persist import migrate
 from qwen_persist.cli import main
 from qwen_persist.engine import DATABASE_URL_ENV, make_engine

@@ -23,7 +23,6 @@ import logging
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-
 from alembic import op
 
 revision: str = "0001_v1_baseline"

@@ -42,9 +42,8 @@ from types import ModuleType
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
-
 from alembic import context, op
+from sqlalchemy.dialects import postgresql
 
 revision: str = "0002_split_tables"
 down_revision: str | Sequence[str] | None = "0001_v1_baseline"

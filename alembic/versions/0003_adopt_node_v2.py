@@ -27,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-
 from alembic import context, op
 
 revision: str = "0003_adopt_node_v2"
