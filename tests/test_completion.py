@@ -482,7 +482,7 @@ def test_qwen_platform_tool_frames_are_not_the_answer() -> None:
 
 # --- properties ------------------------------------------------------------------------------------
 
-_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=5)
+_text = st.text(st.characters(codec="utf-8"), max_size=5)
 
 
 @st.composite

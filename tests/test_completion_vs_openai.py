@@ -36,7 +36,7 @@ from qwen_persist.completion import ChatCompletionAccumulator, reconstruct_strea
 
 Chunk = dict[str, Any]
 
-_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=6)
+_text = st.text(st.characters(codec="utf-8"), max_size=6)
 _finish = st.sampled_from(["stop", "length", "tool_calls", "content_filter", "function_call"])
 
 
@@ -177,7 +177,10 @@ def openai_streams(draw: st.DrawFn) -> list[Chunk]:
     merged = _interleave(rng, [early, later], ordered_start=False)
     chunks = [first] + [{**base, "choices": [choice]} for choice in merged]
     if draw(st.booleans()):
-        usage = {"prompt_tokens": draw(st.integers(0, 999)), "completion_tokens": draw(st.integers(0, 999))}
+        usage: dict[str, Any] = {
+            "prompt_tokens": draw(st.integers(0, 999)),
+            "completion_tokens": draw(st.integers(0, 999)),
+        }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if draw(st.booleans()):
             usage["prompt_tokens_details"] = {"cached_tokens": draw(st.integers(0, 9))}
