@@ -183,9 +183,14 @@ class Writer:
         while not stopping:
             first = self._queue.get()
             items = [first]
-            if first is not _STOP and not isinstance(first, _Barrier):
+            if (
+                first is not _STOP
+                and not isinstance(first, _Barrier)
+                and self._queue.qsize() < self.settings.batch_size - 1
+            ):
                 # Let a batch gather: one wake-up per interval, not per record, keeps the GIL with
-                # the event loop. A barrier or shutdown cuts the wait short.
+                # the event loop. A barrier or shutdown cuts the wait short, and so does a full batch
+                # already waiting (under load, sleeping would cap throughput at batch_size/interval).
                 self._wakeup.wait(self.settings.flush_interval)
             self._wakeup.clear()
             while len(items) < self.settings.batch_size:
