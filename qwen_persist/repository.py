@@ -100,11 +100,12 @@ def _write_requests(conn: Connection, ops: list[Op], renames: dict[str, str], ou
         ).all()
     )
     rows: list[dict[str, Any]] = []
+    taken: set[str] = set()  # request ids of `rows`, so a repeat within the batch is found in O(1)
     sessions: list[dict[str, Any]] = []
     for op in ops:
         row = dict(op["request"])
         rid = row["request_id"]
-        if rid in existing or any(r["request_id"] == rid for r in rows):
+        if rid in existing or rid in taken:
             if existing.get(rid) == row["timestamp"]:
                 outcome.duplicates += 1  # the same request, replayed
                 continue
@@ -116,6 +117,7 @@ def _write_requests(conn: Connection, ops: list[Op], renames: dict[str, str], ou
             metadata["client_request_id"] = rid
             row.update(request_id=fresh, metadata=metadata)
         rows.append(row)
+        taken.add(row["request_id"])
         sessions.append(op["session"])
     upsert_sessions(conn, _merge_sessions(sessions))
     if rows:
