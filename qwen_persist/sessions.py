@@ -209,10 +209,16 @@ class SessionManager:
     async def _set(self, session_id: str, **values: Any) -> bool:
         def run() -> bool:
             now = now_ms()
+            table = sessions_table.c
+            # Setting one upstream id on an expired session starts a new conversation under the old id:
+            # the other id belongs to the old conversation and is cleared, as a renewal would.
+            for name in ("chat_id", "parent_id"):
+                if name not in values:
+                    values[name] = case((table.expires_at <= now, None), else_=table[name])
             with self.engine.begin() as conn:
                 result = conn.execute(
                     update(sessions_table)
-                    .where(sessions_table.c.id == session_id)
+                    .where(table.id == session_id)
                     .values(updated_at=now, last_accessed=now, expires_at=now + self.ttl_ms, **values)
                 )
             return bool(result.rowcount)
