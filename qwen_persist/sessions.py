@@ -238,6 +238,8 @@ class SessionManager:
 
     async def cleanup_expired(self, *, batch_size: int = 1000) -> int:
         """Retention, never automatic: delete expired sessions with their history, in batches."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
         def run() -> int:
             removed = 0
