@@ -284,7 +284,9 @@ class SessionManager:
         def run() -> list[SessionInfo]:
             query = (
                 select(sessions_table)
-                .order_by(sessions_table.c.last_accessed.desc())
+                # id breaks ties: sessions written in one batch share last_accessed, and without a
+                # total order LIMIT/OFFSET pages may repeat some sessions and skip others.
+                .order_by(sessions_table.c.last_accessed.desc(), sessions_table.c.id)
                 .limit(limit)
                 .offset(offset)
             )
