@@ -7,6 +7,7 @@ The same ops go to the spill file when the database cannot take them, so replayi
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from .models import requests_table, responses_table, sessions_table
 
 Op = dict[str, Any]
+# Rows per statement execution: SQLAlchemy prepares a batch's parameters holding the GIL, so a batch is
+# sent in slices with a pause between them in which the event loop can run.
+SLICE = 64
+
+
+def _executemany(conn: Connection, statement: Any, rows: Sequence[dict[str, Any]]) -> None:
+    for start in range(0, len(rows), SLICE):
+        if start:
+            time.sleep(0)
+        conn.execute(statement, list(rows[start : start + SLICE]))
 
 
 @dataclass(slots=True)
@@ -45,12 +56,18 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         raise NotImplementedError(f"sessions upsert is not implemented for {dialect}")
     table, new = sessions_table.c, stmt.excluded
     was_expired = table.expires_at <= new.last_accessed
+
+    def latest(name: str) -> Any:
+        # Timestamps only move forward: an older op (a replayed spill file, a slower replica) must not
+        # pull a live session's expiry back into the past.
+        return case((new[name] > table[name], new[name]), else_=table[name])
+
     stmt = stmt.on_conflict_do_update(
         index_elements=[table.id],
         set_={
-            "updated_at": new.updated_at,
-            "last_accessed": new.last_accessed,
-            "expires_at": new.expires_at,
+            "updated_at": latest("updated_at"),
+            "last_accessed": latest("last_accessed"),
+            "expires_at": latest("expires_at"),
             "message_count": case(
                 (new.message_count > table.message_count, new.message_count), else_=table.message_count
             ),
@@ -58,7 +75,7 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
             "parent_id": case((was_expired, None), else_=table.parent_id),
         },
     )
-    conn.execute(stmt, list(rows))
+    _executemany(conn, stmt, rows)
 
 
 def _merge_sessions(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,7 +138,7 @@ def _write_requests(conn: Connection, ops: list[Op], renames: dict[str, str], ou
         sessions.append(op["session"])
     upsert_sessions(conn, _merge_sessions(sessions))
     if rows:
-        conn.execute(insert(requests_table), rows)
+        _executemany(conn, insert(requests_table), rows)
     outcome.written += len(rows)
 
 
@@ -171,7 +188,7 @@ def _write_responses(conn: Connection, ops: list[Op], renames: dict[str, str], o
                 update(requests_table).where(requests_table.c.id == request.id).values(**op["request_update"])
             )
     if rows:
-        conn.execute(insert(responses_table), rows)
+        _executemany(conn, insert(responses_table), rows)
         _update_sessions_after_response(conn, session_updates)
     outcome.written += len(rows)
 
@@ -189,4 +206,4 @@ def _update_sessions_after_response(conn: Connection, updates: list[dict[str, An
             updated_at=case((bindparam("now") > table.updated_at, bindparam("now")), else_=table.updated_at),
         )
     )
-    conn.execute(stmt, updates)
+    _executemany(conn, stmt, updates)
