@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -61,14 +62,29 @@ def _env(name: str, environ: Mapping[str, str]) -> str | None:
 def _number(name: str, value: Any, env: str | None, default: float, *, integer: bool, minimum: float) -> Any:
     source = f"{ENV_PREFIX}{name.upper()}" if value is None and env is not None else name
     raw = value if value is not None else (env if env is not None else default)
+    kind = "an integer" if integer else "a number"
+    if isinstance(raw, bool) or (value is not None and not isinstance(value, int | float)):
+        raise ConfigurationError(f"{source} must be {kind}, got {raw!r}")
     try:
-        number = int(raw) if integer else float(raw)
-    except (TypeError, ValueError):
-        kind = "an integer" if integer else "a number"
+        number = float(raw)
+        if integer:
+            if not number.is_integer():  # never truncate 1.5 to 1 silently
+                raise ValueError
+            number = int(raw) if isinstance(raw, int) else _to_int(raw, number)
+    except (TypeError, ValueError, OverflowError):
         raise ConfigurationError(f"{source} must be {kind}, got {raw!r}") from None
-    if isinstance(raw, bool) or number < minimum:
+    if not math.isfinite(number):
+        raise ConfigurationError(f"{source} must be a finite number, got {raw!r}")
+    if number < minimum:
         raise ConfigurationError(f"{source} must be >= {minimum:g}, got {raw!r}")
     return number
+
+
+def _to_int(raw: Any, number: float) -> int:
+    try:
+        return int(raw)  # exact for digit strings beyond a float's precision
+    except (TypeError, ValueError):
+        return int(number)
 
 
 def _flag(name: str, value: bool | None, env: str | None) -> bool:
