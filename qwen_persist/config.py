@@ -87,6 +87,42 @@ def _to_int(raw: Any, number: float) -> int:
         return int(number)
 
 
+# RFC 9110 token characters: what a header name may be made of.
+_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _is_header_name(name: str) -> bool:
+    return bool(name) and all(c in _TCHARS for c in name)
+
+
+def _strings(name: str, values: Iterable[Any]) -> list[str]:
+    try:
+        items = list(values)
+    except TypeError:
+        raise ConfigurationError(f"{name} must be a collection of strings, got {values!r}") from None
+    bad = [item for item in items if not isinstance(item, str)]
+    if bad:
+        raise ConfigurationError(f"{name} must contain only strings, got {bad[0]!r}")
+    return items
+
+
+def _secret_headers(values: Iterable[Any]) -> list[str]:
+    if isinstance(values, str):  # a bare string would be taken letter by letter
+        raise ConfigurationError("secret_headers must be a collection of header names, not a single string")
+    names = [h.strip().lower() for h in _strings("secret_headers", values)]
+    for header in names:
+        if not _is_header_name(header):
+            raise ConfigurationError(f"secret_headers has an invalid header name: {header!r}")
+    return names
+
+
+def _spill_dir(value: Any) -> Path:
+    try:
+        return Path(value)
+    except TypeError:
+        raise ConfigurationError(f"spill_dir must be a path, got {value!r}") from None
+
+
 def _flag(name: str, value: bool | None, env: str | None) -> bool:
     if value is not None:
         if not isinstance(value, bool):
@@ -135,14 +171,22 @@ def build_settings(
         paths = env_paths.split(",") if env_paths else DEFAULT_PATHS
     if isinstance(paths, str):
         raise ConfigurationError("paths must be a collection of paths, not a single string")
+    paths = _strings("paths", paths)
     path_set = frozenset(p.strip() for p in paths if p.strip())
     if not path_set or any(not p.startswith("/") for p in path_set):
         raise ConfigurationError(
             f"paths must be non-empty absolute paths starting with '/', got {sorted(path_set)}"
         )
 
-    header = (session_header or _env("SESSION_HEADER", env) or DEFAULT_SESSION_HEADER).strip().lower()
-    if not header or any(c.isspace() or c == ":" for c in header):
+    if session_header is not None and not isinstance(session_header, str):
+        raise ConfigurationError(f"session_header must be a header name, got {session_header!r}")
+    header = (
+        session_header
+        if session_header is not None
+        else (_env("SESSION_HEADER", env) or DEFAULT_SESSION_HEADER)
+    )
+    header = header.strip().lower()
+    if not _is_header_name(header):
         raise ConfigurationError(f"session_header is not a valid header name: {header!r}")
 
     if redact is not None and not callable(redact):
@@ -183,7 +227,9 @@ def build_settings(
             integer=False,
             minimum=0,
         ),
-        spill_dir=Path(spill_dir if spill_dir is not None else (_env("SPILL_DIR", env) or DEFAULT_SPILL_DIR)),
+        spill_dir=_spill_dir(
+            spill_dir if spill_dir is not None else (_env("SPILL_DIR", env) or DEFAULT_SPILL_DIR)
+        ),
         auto_upgrade=_flag("auto_upgrade", auto_upgrade, _env("AUTO_UPGRADE", env)),
-        secret_headers=SECRET_HEADERS | {h.strip().lower() for h in secret_headers},
+        secret_headers=SECRET_HEADERS | {h.strip().lower() for h in _secret_headers(secret_headers)},
     )
