@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine import normalize_url, resolve_database_url
+from .engine import DEFAULT_DATABASE_URL, normalize_url
 
 # A redaction hook gets a parsed body (the request as sent, or the rebuilt response) and the kind
 # ("request" or "response"); it returns the body to store, or None to store no content at all.
@@ -156,11 +156,10 @@ def build_settings(
 ) -> Settings:
     """Resolve every option (argument, else environment, else default) and fail on nonsense."""
     env = os.environ if environ is None else environ
-    url = (
-        resolve_database_url(database_url)
-        if database_url is not None
-        else (_env("DATABASE_URL", env) or resolve_database_url(None))
-    )
+    if isinstance(database_url, str) and not database_url.strip():
+        raise ConfigurationError("database_url is empty; leave it out to use the default")
+    # Only ``env``: an explicit ``environ`` must not be overridden by the process environment.
+    url = database_url if database_url is not None else (_env("DATABASE_URL", env) or DEFAULT_DATABASE_URL)
     try:
         normalize_url(url)
     except ValueError as exc:
