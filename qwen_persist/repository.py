@@ -149,9 +149,12 @@ def _write_responses(conn: Connection, ops: list[Op], renames: dict[str, str], o
     found = {
         row.request_id: row
         for row in conn.execute(
-            select(requests_table.c.id, requests_table.c.request_id, requests_table.c.session_id).where(
-                requests_table.c.request_id.in_(wanted)
-            )
+            select(
+                requests_table.c.id,
+                requests_table.c.request_id,
+                requests_table.c.session_id,
+                requests_table.c.metadata,
+            ).where(requests_table.c.request_id.in_(wanted))
         )
     }
     answered = set(
@@ -184,9 +187,11 @@ def _write_responses(conn: Connection, ops: list[Op], renames: dict[str, str], o
             }
         )
         if op.get("request_update"):
-            conn.execute(
-                update(requests_table).where(requests_table.c.id == request.id).values(**op["request_update"])
-            )
+            values = dict(op["request_update"])
+            if isinstance(values.get("metadata"), dict) and isinstance(request.metadata, dict):
+                # Reported metadata is merged into what the request carried, never replaces it.
+                values["metadata"] = {**request.metadata, **values["metadata"]}
+            conn.execute(update(requests_table).where(requests_table.c.id == request.id).values(**values))
     if rows:
         _executemany(conn, insert(responses_table), rows)
         _update_sessions_after_response(conn, session_updates)
