@@ -43,15 +43,20 @@ class Exchange:
     def session_id(self) -> str:
         """The session this request belongs to (SPEC §5), derived from the body read so far."""
         record = self._record
-        if record.session_id is None:
-            body, _ = decode_json_body(record.body, truncated=record.body_truncated, size=record.body_size)
-            record.session_id = resolve_session_id(
-                body,
-                header_value=record.session_header,
-                key_fingerprint=record.key_fingerprint,
-                request_id=record.request_id,
-            )[0]
-        return record.session_id
+        if record.session_id is not None:
+            return record.session_id
+        body, _ = decode_json_body(record.body, truncated=record.body_truncated, size=record.body_size)
+        session_id = resolve_session_id(
+            body,
+            header_value=record.session_header,
+            key_fingerprint=record.key_fingerprint,
+            request_id=record.request_id,
+        )[0]
+        # Pinned only once the whole body is known: asked earlier, the answer is provisional, and
+        # pinning it would file the request under a session of its own instead of its conversation.
+        if record.body_complete:
+            record.session_id = session_id
+        return session_id
 
     def report(
         self,
