@@ -7,8 +7,9 @@ object, marked so that no real request body can be mistaken for it.
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
+
+from . import jsonlib
 
 RAW_MARKER = "$qwen_persist_raw_body"
 
@@ -55,14 +56,14 @@ def decode_json_body(
     if truncated:
         return raw_body(data, reason="too_large", truncated=True, size=total), "body_too_large"
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw_body(data, reason="not_utf8", truncated=False, size=total), "body_not_utf8"
-    try:
-        value = json.loads(text)
+        value = jsonlib.loads(data)
     except ValueError:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw_body(data, reason="not_utf8", truncated=False, size=total), "body_not_utf8"
         return raw_body(data, reason="not_json", truncated=False, size=total), "body_not_json"
-    if "\\u0000" in text:
+    if b"\\u0000" in data:
         # PostgreSQL's JSONB and TEXT cannot hold NUL characters; the escaped text keeps it faithfully.
         return raw_body(data, reason="nul_character", truncated=False, size=total), "body_has_nul_character"
     return value, None

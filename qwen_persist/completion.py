@@ -37,12 +37,13 @@ the platform's own tool traffic (web search and the like), not the assistant's m
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from qwen_persist.sse import ServerSentEvent, SSEDecoder
+
+from . import jsonlib
 
 __all__ = ["ChatCompletionAccumulator", "StreamResult", "reconstruct_stream"]
 
@@ -60,8 +61,8 @@ _USAGE_RENAMES = {
 
 
 def _loads(data: str) -> Any:
-    """The one place stream payloads are parsed (kept alone so the JSON library can be swapped)."""
-    return json.loads(data)
+    """The one place stream payloads are parsed."""
+    return jsonlib.loads(data)
 
 
 @dataclass(slots=True)

@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 
+from . import jsonlib
+
 DATABASE_URL_ENV = "QWEN_PERSIST_DATABASE_URL"
 DEFAULT_DATABASE_URL = "sqlite:///qwen_persist.db"
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -49,6 +51,8 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 def make_engine(database_url: str | URL | None = None, **kwargs: Any) -> Engine:
     """Create an engine for ``database_url`` (resolved as :func:`resolve_database_url` says)."""
     url = normalize_url(database_url if database_url is not None else resolve_database_url())
+    kwargs.setdefault("json_serializer", jsonlib.dumps)
+    kwargs.setdefault("json_deserializer", jsonlib.loads)
     if url.get_backend_name() == "sqlite":
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _on_sqlite_connect)
