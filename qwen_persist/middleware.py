@@ -16,11 +16,10 @@ from collections.abc import Iterable
 from sqlalchemy.exc import NoSuchModuleError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .completion import StreamReconstructor
 from .config import ConfigurationError, Redactor, Settings, build_settings
 from .engine import make_engine
 from .exchange import SCOPE_KEY, Exchange
-from .records import CapturedRequest, CapturedResponse
+from .records import CapturedRequest, CapturedResponse, StreamHandoff
 from .sessions import SessionManager, api_key_fingerprint, is_valid_client_id, new_request_id, now_ms
 from .writer import Writer, WriterStats
 
@@ -168,7 +167,8 @@ class _ExchangeResponder:
         self.response_chunks: list[bytes] = []
         self.response_size = 0
         self.response_truncated = False
-        self.reconstructor: StreamReconstructor | None = None
+        self.handoff: StreamHandoff | None = None
+        self.handed_over = 0  # bytes of the handoff already queued for the writer
         self.first_byte_ns: int | None = None
         self.finished = False
         self.client_gone = False
@@ -300,24 +300,35 @@ class _ExchangeResponder:
 
     def _keep_response_bytes(self, chunk: bytes) -> None:
         self.response_size += len(chunk)
-        if self.reconstructor is not None:
-            self.reconstructor.feed(chunk)
-            return
-        if self.response_size <= self.limit:
+        if self.handoff is not None:
+            self._hand_over(chunk)
+        elif self.response_size <= self.limit:
             self.response_chunks.append(chunk)
         elif self.streamed:
             # Past max_body_bytes a stream is rebuilt as it passes, so memory stays bounded by the
             # completion's size rather than by the stream's.
-            self.reconstructor = StreamReconstructor()
+            self.handoff = StreamHandoff()
             for kept in self.response_chunks:
-                self.reconstructor.feed(kept)
-            self.reconstructor.feed(chunk)
+                self.handoff.add(kept)
             self.response_chunks = []
+            self._hand_over(chunk)
         else:
             self.response_truncated = True
             room = self.limit - (self.response_size - len(chunk))
             if room > 0:
                 self.response_chunks.append(chunk[:room])
+
+    def _hand_over(self, chunk: bytes) -> None:
+        handoff = self.handoff
+        assert handoff is not None
+        handoff.add(chunk)
+        # It goes to the writer in parts of max_body_bytes; if the writer falls far behind, the request
+        # path rebuilds the backlog itself rather than hold the stream in memory.
+        if handoff.added >= self.handed_over + self.limit:
+            self.handed_over = handoff.added
+            self.writer.feed_stream(handoff)
+        if handoff.backlog > 4 * self.limit:
+            handoff.drain(wait=False)
 
     def finish(self, *, error: str | None = None, status: int | None = None) -> None:
         if self.finished:
@@ -341,7 +352,7 @@ class _ExchangeResponder:
             if self.first_byte_ns is None
             else (self.first_byte_ns - self.started_ns) // 1_000_000,
             error=error,
-            stream_result=self.reconstructor.finish() if self.reconstructor is not None else None,
+            stream=self.handoff,
             reports=self.exchange.reports,
         )
         self.writer.submit(record)

@@ -6,18 +6,65 @@ sessions and redacting all happen here, on the writer's thread.
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .bodies import decode_json_body
-from .completion import StreamResult, reconstruct_stream
+from .completion import StreamReconstructor, StreamResult, reconstruct_stream
 from .config import Redactor
 from .repository import Op
 from .sessions import message_count, resolve_session_id, session_row
 
 REDACTED: dict[str, Any] = {"$qwen_persist_redacted": True}
+
+
+class StreamHandoff:
+    """A stream too large to keep whole (over max_body_bytes), rebuilt while it passes, but by the writer.
+
+    The request path only appends chunks and now and then queues the handoff so the writer thread feeds
+    them to a reconstructor; the lock keeps the feeding in order whoever does it. If the writer falls far
+    behind, the request path feeds the backlog itself, so memory stays bounded either way.
+    """
+
+    __slots__ = ("_lock", "_pending", "_reconstructor", "added", "fed")
+
+    def __init__(self) -> None:
+        self._reconstructor = StreamReconstructor()
+        self._lock = threading.Lock()
+        self._pending: deque[bytes] = deque()
+        # Each counter has one writer (the request path adds, the feeder feeds), so both stay exact.
+        self.added = 0
+        self.fed = 0
+
+    @property
+    def backlog(self) -> int:
+        """Bytes handed over and not rebuilt yet."""
+        return self.added - self.fed
+
+    def add(self, chunk: bytes) -> None:
+        self._pending.append(chunk)
+        self.added += len(chunk)
+
+    def drain(self, *, wait: bool = True) -> None:
+        """Rebuild what is pending. With ``wait=False``, return at once if another thread is at it."""
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
+            while self._pending:
+                chunk = self._pending.popleft()
+                self._reconstructor.feed(chunk)
+                self.fed += len(chunk)
+        finally:
+            self._lock.release()
+
+    def finish(self) -> StreamResult:
+        self.drain()
+        with self._lock:
+            return self._reconstructor.finish()
 
 
 @dataclass(slots=True)
@@ -59,7 +106,7 @@ class CapturedResponse:
     duration_ms: int
     first_byte_ms: int | None
     error: str | None = None  # exception text, client_disconnected, ...
-    stream_result: StreamResult | None = None  # rebuilt on the request path for streams over max_body_bytes
+    stream: StreamHandoff | None = None  # a stream over max_body_bytes, rebuilt as it passed
     reports: Reports | None = None
     request: RequestFacts | None = None  # filled in by the writer
 
@@ -125,13 +172,13 @@ def response_op(record: CapturedResponse, *, redact: Redactor | None) -> Op:
     upstream_id: str | None = None
     body: Any
     if record.streamed:
-        result = record.stream_result or reconstruct_stream([record.body])
+        result = record.stream.finish() if record.stream is not None else reconstruct_stream([record.body])
         body = result.completion
         if result.error is not None:
             body = {**(body or {}), "error": result.error} if body else {"error": result.error}
             errors.append(_error_message(result.error))
         usage, finish_reason, upstream_id = result.usage, result.finish_reason, result.upstream_id
-        if record.body_truncated and record.stream_result is None:
+        if record.body_truncated and record.stream is None:
             errors.append("response_body_too_large")
         elif not result.complete and record.error is None and result.error is None:
             errors.append("truncated")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import json
 import logging
 import queue
@@ -24,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .config import Settings
-from .records import CapturedRequest, CapturedResponse, RequestFacts, request_op, response_op
+from .records import CapturedRequest, CapturedResponse, RequestFacts, StreamHandoff, request_op, response_op
 from .repository import Op, write_ops
 from .spill import SpillFile
 
@@ -95,6 +96,12 @@ class Writer:
             self._queue.put_nowait(record)
         except queue.Full:
             self._spill_ops(self._to_ops([record]), reason="queue full")
+
+    def feed_stream(self, handoff: StreamHandoff) -> None:
+        """Ask the writer thread to rebuild what a large stream has passed so far (skipped if the queue
+        is full: the next request, or the response record itself, does it)."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(handoff)
 
     async def barrier(self, timeout: float = 5.0) -> bool:
         """Wait until everything submitted before now is stored (or spilled). False on timeout."""
@@ -199,7 +206,12 @@ class Writer:
                 except queue.Empty:
                     break
             stopping = any(item is _STOP for item in items)
-            records = [item for item in items if isinstance(item, CapturedRequest | CapturedResponse)]
+            records: list[Record] = []
+            for item in items:
+                if isinstance(item, StreamHandoff):
+                    item.drain()
+                elif isinstance(item, CapturedRequest | CapturedResponse):
+                    records.append(item)
             try:
                 self._write(self._to_ops(records))
             except Exception:  # never let the thread die: a dead writer would lose everything after

@@ -295,6 +295,20 @@ def test_bodies_that_are_not_json_reach_the_app_and_are_recorded(
     ]
 
 
+def test_stream_over_max_body_bytes_is_rebuilt_whole(
+    upstream_url: str, migrated_url: str, tmp_path: Path
+) -> None:
+    # 300 events of ~200 bytes against a 4 KiB limit: the stream is handed to the writer in parts.
+    with serve(proxy_app(upstream_url, migrated_url, tmp_path, max_body_bytes=4096)) as base:
+        client = client_for(base, default_headers={"x-fake-chunks": "300", "x-fake-delay-ms": "0"})
+        chunks = list(client.chat.completions.create(model="fake-slow", messages=USER, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    [(_, row)] = stored_exchanges(migrated_url)
+    assert row is not None and row.error is None and row.finish_reason == "stop"
+    assert row.openai_response["choices"][0]["message"]["content"] == streamed
+    assert len(streamed.split()) >= 300
+
+
 def test_secrets_never_reach_the_database(upstream_url: str, migrated_url: str, tmp_path: Path) -> None:
     secret = "sk-client-secret-123"
     with serve(proxy_app(upstream_url, migrated_url, tmp_path)) as base:
