@@ -33,6 +33,7 @@ log = logging.getLogger("qwen_persist")
 
 Record = CapturedRequest | CapturedResponse
 MAX_BACKOFF = 5.0
+SPILL_LOG_INTERVAL = 10.0  # seconds between "records spilled" warnings of one kind
 # PostgreSQL "undefined_table": the schema is not migrated yet; like a locked SQLite file, it can heal.
 _TRANSIENT_SQLSTATES = {"42P01"}
 
@@ -81,6 +82,7 @@ class Writer:
         self._atexit_registered = False
         self._requests: dict[str, RequestFacts] = {}  # request_id -> facts, until its response comes
         self._renames: dict[str, str] = {}
+        self._spill_logged: dict[str, float] = {}
         self._accepted = self._written = self._spilled = self._failed = 0
         self._duplicates = self._retries = 0
         self._upgraded = not settings.auto_upgrade
@@ -311,7 +313,13 @@ class Writer:
             return
         with self._counter_lock:
             self._spilled += count
-        log.warning("qwen_persist: %d records spilled (%s)", count, reason)
+            now = time.monotonic()
+            # One line per reason and interval: a full queue spills every record, and a log line per
+            # record would cost the event loop more than the spill itself.
+            if now - self._spill_logged.get(reason, -SPILL_LOG_INTERVAL) < SPILL_LOG_INTERVAL:
+                return
+            self._spill_logged[reason] = now
+        log.warning("qwen_persist: records spilled (%s); %d spilled in all so far", reason, self._spilled)
 
 
 def _json_ready(op: Op) -> Op:
