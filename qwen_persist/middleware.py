@@ -182,10 +182,7 @@ class _ExchangeResponder:
             await self.app(self.scope, self.receive_with_capture, self.send_with_capture)
         except BaseException as exc:
             if not self.finished:
-                if self.client_gone or isinstance(exc, OSError | asyncio.CancelledError):
-                    error = "client_disconnected" if self.client_gone else f"{type(exc).__name__}: {exc}"
-                else:
-                    error = f"{type(exc).__name__}: {exc}"
+                error = "client_disconnected" if self.client_gone else f"{type(exc).__name__}: {exc}"
                 # The server answers an unhandled exception with 500 when no response had started.
                 self.finish(error=error, status=self.status if self.status is not None else 500)
             raise
