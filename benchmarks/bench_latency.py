@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 from .common import (
     CLIENT_CORE,
+    exit_with_persistence_check,
     fresh_database,
     machine,
     percentile,
@@ -199,10 +199,7 @@ def main() -> None:
         added = statistics.median(results[name]["added_ttfb_p99"])
         verdict = "met" if added <= 0.5 else "NOT met"
         print(f"goal added TTFB p99 <= 0.5 ms ({backend}): {added:.3f} ms {verdict}")
-    print("every exchange persisted:", "yes" if not problems else "NO")
-    for problem in problems:
-        print("  " + problem)
-    sys.exit(1 if problems else 0)
+    exit_with_persistence_check(problems)
 
 
 if __name__ == "__main__":

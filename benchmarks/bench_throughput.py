@@ -23,7 +23,16 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .common import CLIENT_CORE, fresh_database, machine, postgres_available, server, spread, workspace
+from .common import (
+    CLIENT_CORE,
+    exit_with_persistence_check,
+    fresh_database,
+    machine,
+    postgres_available,
+    server,
+    spread,
+    workspace,
+)
 
 WRK_SCRIPT = """
 counter = 0
@@ -129,10 +138,7 @@ def main() -> None:
                 ratio = statistics.median(values)
                 verdict = "met" if ratio >= 0.90 else "NOT met"
                 print(f"goal wrapped/bare >= 0.90 ({mode}, {backend}): {ratio:.3f} {verdict}")
-    print("every exchange persisted:", "yes" if not problems else "NO")
-    for problem in problems:
-        print("  " + problem)
-    sys.exit(1 if problems else 0)
+    exit_with_persistence_check(problems)
 
 
 if __name__ == "__main__":

@@ -228,3 +228,11 @@ def machine() -> str:
         f"nproc={os.cpu_count()} cpu={cpu!r} python={sys.version.split()[0]} sqlite={sqlite3.sqlite_version}"
         f" uvicorn http={os.environ.get('BENCH_HTTP', http)} loop={os.environ.get('BENCH_LOOP', loop)}"
     )
+
+
+def exit_with_persistence_check(problems: Sequence[str]) -> None:
+    """Say whether every exchange the server answered was stored, and exit non-zero if not."""
+    print("every exchange persisted:", "yes" if not problems else "NO")
+    for problem in problems:
+        print("  " + problem)
+    sys.exit(1 if problems else 0)
