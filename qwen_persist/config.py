@@ -24,10 +24,6 @@ DEFAULT_QUEUE_SIZE = 10_000
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_FLUSH_INTERVAL = 0.05
 DEFAULT_SPILL_DIR = "qwen_persist_spill"
-# Headers that carry credentials; they are never stored, only a keyed fingerprint of the API key.
-SECRET_HEADERS = frozenset(
-    {"authorization", "api-key", "x-api-key", "cookie", "set-cookie", "proxy-authorization"}
-)
 
 
 class ConfigurationError(ValueError):
@@ -47,7 +43,6 @@ class Settings:
     flush_interval: float
     spill_dir: Path
     auto_upgrade: bool
-    secret_headers: frozenset[str]
 
     @property
     def session_ttl_ms(self) -> int:
@@ -106,16 +101,6 @@ def _strings(name: str, values: Iterable[Any]) -> list[str]:
     return items
 
 
-def _secret_headers(values: Iterable[Any]) -> list[str]:
-    if isinstance(values, str):  # a bare string would be taken letter by letter
-        raise ConfigurationError("secret_headers must be a collection of header names, not a single string")
-    names = [h.strip().lower() for h in _strings("secret_headers", values)]
-    for header in names:
-        if not _is_header_name(header):
-            raise ConfigurationError(f"secret_headers has an invalid header name: {header!r}")
-    return names
-
-
 def _spill_dir(value: Any) -> Path:
     try:
         return Path(value)
@@ -151,7 +136,6 @@ def build_settings(
     flush_interval: float | None = None,
     spill_dir: str | os.PathLike[str] | None = None,
     auto_upgrade: bool | None = None,
-    secret_headers: Iterable[str] = (),
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Resolve every option (argument, else environment, else default) and fail on nonsense."""
@@ -161,9 +145,11 @@ def build_settings(
     # Only ``env``: an explicit ``environ`` must not be overridden by the process environment.
     url = database_url if database_url is not None else (_env("DATABASE_URL", env) or DEFAULT_DATABASE_URL)
     try:
-        normalize_url(url)
+        backend = normalize_url(url).get_backend_name()
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigurationError(f"database_url: only SQLite and PostgreSQL are supported, not {backend}")
 
     if paths is None:
         env_paths = _env("PATHS", env)
@@ -230,5 +216,4 @@ def build_settings(
             spill_dir if spill_dir is not None else (_env("SPILL_DIR", env) or DEFAULT_SPILL_DIR)
         ),
         auto_upgrade=_flag("auto_upgrade", auto_upgrade, _env("AUTO_UPGRADE", env)),
-        secret_headers=SECRET_HEADERS | {h.strip().lower() for h in _secret_headers(secret_headers)},
     )

@@ -53,7 +53,6 @@ class PersistenceMiddleware:
         flush_interval: float | None = None,
         spill_dir: str | None = None,
         auto_upgrade: bool | None = None,
-        secret_headers: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.settings: Settings = build_settings(
@@ -68,7 +67,6 @@ class PersistenceMiddleware:
             flush_interval=flush_interval,
             spill_dir=spill_dir,
             auto_upgrade=auto_upgrade,
-            secret_headers=secret_headers,
         )
         try:
             self.engine = make_engine(self.settings.database_url)

@@ -86,8 +86,7 @@ def test_configuration_error_is_a_value_error() -> None:
         ({"redact": 1}, "redact"),
         ({"auto_upgrade": 1}, "auto_upgrade"),
         ({"auto_upgrade": "true"}, "auto_upgrade"),
-        ({"secret_headers": "x-secret"}, "secret_headers"),
-        ({"secret_headers": ["bad header"]}, "secret_headers"),
+        ({"database_url": "mysql://user@127.0.0.1/db"}, "SQLite and PostgreSQL"),
         ({"spill_dir": 3}, "spill_dir"),
         ({"database_url": "garbage"}, "garbage"),
         ({"database_url": ""}, "database_url"),
@@ -114,7 +113,6 @@ def test_valid_options_are_kept(tmp_path: Path) -> None:
         session_header=" X-Conversation-Id ",
         redact=redact,
         auto_upgrade=False,
-        secret_headers=["X-Internal-Token"],
     )
     settings = middleware.settings
     assert (settings.session_ttl, settings.session_ttl_ms, settings.max_body_bytes) == (1.0, 1000, 1024)
@@ -122,7 +120,6 @@ def test_valid_options_are_kept(tmp_path: Path) -> None:
     assert settings.paths == frozenset({"/custom", "/v1/chat/completions"})
     assert settings.session_header == "x-conversation-id"
     assert settings.redact is redact and settings.auto_upgrade is False
-    assert {"x-internal-token", "authorization", "cookie"} <= settings.secret_headers
     assert settings.spill_dir == tmp_path / "spill"
 
 
