@@ -104,7 +104,8 @@ def resolve_session_id(
     user = body.get("user") if isinstance(body, Mapping) else None
     scope = ""
     if key_fingerprint or isinstance(user, str):
-        scope = f"{key_fingerprint or ''}\x1f{user if isinstance(user, str) else ''}\x1f"
+        # A JSON array is self-delimiting, so no (key, user, message) triple can pass for another.
+        scope = json.dumps([key_fingerprint or "", user if isinstance(user, str) else ""])
     return hashlib.md5((scope + first).encode("utf-8", "surrogateescape")).hexdigest(), first
 
 
@@ -193,8 +194,10 @@ class SessionManager:
             return self._select(conn, session_id)
 
     async def is_new(self, session_id: str) -> bool:
-        """True when no live session has this id (a request with it would start a conversation)."""
-        return await self.get(session_id) is None
+        """True when no live session has this id (a request with it would start a conversation).
+        Only looks: unlike `get`, it does not slide the expiry."""
+        info = await self.peek(session_id)
+        return info is None or info.expired
 
     async def get_parent_id(self, session_id: str) -> str | None:
         info = await self.get(session_id)
