@@ -76,3 +76,8 @@ def test_wheel_runs_migrations_without_a_checkout(tmp_path: Path) -> None:
         env={**env, "QWEN_PERSIST_DATABASE_URL": "sqlite:///y.db"},
     )
     assert tables(work / "y.db") >= TABLES
+
+    # The main job runs from the wheel alone too: the examples it serves ship inside the package.
+    output = run(bin_dir / "qwen-persist", "demo", "--database-url", "sqlite:///demo.db", cwd=work, env=env)
+    assert "What the proxy stored (3 sessions, 5 requests, 5 responses)" in output
+    assert tables(work / "demo.db") >= TABLES
