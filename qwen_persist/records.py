@@ -137,9 +137,9 @@ def request_op(record: CapturedRequest, *, ttl_ms: int, redact: Redactor | None)
     )
     if record.session_id is not None:
         session_id = record.session_id
-    fields = body if isinstance(body, Mapping) else {}
+    fields = body if isinstance(body, dict) else {}
     model, user, metadata = fields.get("model"), fields.get("user"), fields.get("metadata")
-    metadata = dict(metadata) if isinstance(metadata, Mapping) else None
+    metadata = dict(metadata) if isinstance(metadata, dict) else None
     messages = message_count(body)
     if not record.body_complete and problem is None:
         problem = "body_incomplete"
@@ -188,7 +188,7 @@ def response_op(record: CapturedResponse, *, redact: Redactor | None) -> Op:
         body, problem = decode_json_body(record.body, truncated=record.body_truncated, size=record.body_size)
         if problem:
             errors.append("response_" + problem)
-        if isinstance(body, Mapping):
+        if isinstance(body, dict):
             usage, finish_reason, upstream_id = _summary(body)
             if "error" in body and (record.status_code or 200) >= 400:
                 errors.append(_error_message(body["error"]))
@@ -244,12 +244,12 @@ def _summary(body: Mapping[str, Any]) -> tuple[Mapping[str, Any] | None, str | N
     usage = body.get("usage")
     choices = body.get("choices")
     finish_reason = None
-    if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         reason = choices[0].get("finish_reason")
         finish_reason = reason if isinstance(reason, str) else None
     upstream_id = body.get("id")
     return (
-        usage if isinstance(usage, Mapping) else None,
+        usage if isinstance(usage, dict) else None,
         finish_reason,
         upstream_id if isinstance(upstream_id, str) else None,
     )
@@ -275,8 +275,8 @@ def _tokens(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None, in
 
 
 def _error_message(error: Any) -> str:
-    if isinstance(error, Mapping):
+    if isinstance(error, dict):
         message = error.get("message")
         if isinstance(message, str) and message:
             return message
-    return str(error) if not isinstance(error, Mapping) else repr(dict(error))
+    return str(error) if not isinstance(error, dict) else repr(dict(error))

@@ -7,7 +7,6 @@ The same ops go to the spill file when the database cannot take them, so replayi
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,16 +18,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from .models import requests_table, responses_table, sessions_table
 
 Op = dict[str, Any]
-# Rows per statement execution: SQLAlchemy prepares a batch's parameters holding the GIL, so a batch is
-# sent in slices with a pause between them in which the event loop can run.
-SLICE = 64
-
-
-def _executemany(conn: Connection, statement: Any, rows: Sequence[dict[str, Any]]) -> None:
-    for start in range(0, len(rows), SLICE):
-        if start:
-            time.sleep(0)
-        conn.execute(statement, list(rows[start : start + SLICE]))
 
 
 @dataclass(slots=True)
@@ -71,11 +60,13 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
             "message_count": case(
                 (new.message_count > table.message_count, new.message_count), else_=table.message_count
             ),
-            "chat_id": case((was_expired, None), else_=table.chat_id),
-            "parent_id": case((was_expired, None), else_=table.parent_id),
+            # Ids the batch itself brings (a response folded into its request's row) win; otherwise an
+            # expired session starts over without the old conversation's ids.
+            "chat_id": func.coalesce(new.chat_id, case((was_expired, None), else_=table.chat_id)),
+            "parent_id": func.coalesce(new.parent_id, case((was_expired, None), else_=table.parent_id)),
         },
     )
-    _executemany(conn, stmt, rows)
+    conn.execute(stmt, list(rows))
 
 
 def _merge_sessions(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,7 +79,25 @@ def _merge_sessions(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for key in ("updated_at", "last_accessed", "expires_at", "message_count"):
             seen[key] = max(seen[key], row[key])
+        for key in ("chat_id", "parent_id"):
+            if row[key] is not None:
+                seen[key] = row[key]
     return list(merged.values())
+
+
+def _fold_answer(session: dict[str, Any], answer: Op) -> dict[str, Any]:
+    """The session row as it stands once the response in the same batch is in: one upsert instead of
+    an upsert and an update."""
+    update = answer.get("session_update") or {}
+    folded = dict(session)
+    count = update.get("message_count")
+    if count is not None and count > folded["message_count"]:
+        folded["message_count"] = count
+    for key in ("chat_id", "parent_id"):
+        if update.get(key) is not None:
+            folded[key] = update[key]
+    folded["updated_at"] = max(folded["updated_at"], answer["response"]["timestamp"])
+    return folded
 
 
 def write_ops(conn: Connection, ops: Sequence[Op], renamed: dict[str, str] | None = None) -> BatchOutcome:
@@ -100,14 +109,19 @@ def write_ops(conn: Connection, ops: Sequence[Op], renamed: dict[str, str] | Non
     renames = renamed if renamed is not None else {}
     request_ops = [op for op in ops if op["op"] == "request"]
     response_ops = [op for op in ops if op["op"] == "response"]
-    _write_requests(conn, request_ops, renames, outcome)
-    _write_responses(conn, response_ops, renames, outcome)
+    answers = {op["request_id"]: op for op in response_ops}
+    folded = _write_requests(conn, request_ops, answers, renames, outcome)
+    _write_responses(conn, response_ops, folded, renames, outcome)
     return outcome
 
 
-def _write_requests(conn: Connection, ops: list[Op], renames: dict[str, str], outcome: BatchOutcome) -> None:
+def _write_requests(
+    conn: Connection, ops: list[Op], answers: dict[str, Op], renames: dict[str, str], outcome: BatchOutcome
+) -> set[str]:
+    """Write the requests; returns the request ids whose response's session update was folded in."""
+    folded: set[str] = set()
     if not ops:
-        return
+        return folded
     ids = [op["request"]["request_id"] for op in ops]
     existing = dict(
         conn.execute(
@@ -135,26 +149,31 @@ def _write_requests(conn: Connection, ops: list[Op], renames: dict[str, str], ou
             row.update(request_id=fresh, metadata=metadata)
         rows.append(row)
         taken.add(row["request_id"])
-        sessions.append(op["session"])
+        answer = answers.get(rid)
+        if answer is None:
+            sessions.append(op["session"])
+        else:
+            sessions.append(_fold_answer(op["session"], answer))
+            folded.add(rid)
     upsert_sessions(conn, _merge_sessions(sessions))
     if rows:
-        _executemany(conn, insert(requests_table), rows)
+        conn.execute(insert(requests_table), rows)
     outcome.written += len(rows)
+    return folded
 
 
-def _write_responses(conn: Connection, ops: list[Op], renames: dict[str, str], outcome: BatchOutcome) -> None:
+def _write_responses(
+    conn: Connection, ops: list[Op], folded: set[str], renames: dict[str, str], outcome: BatchOutcome
+) -> None:
     if not ops:
         return
     wanted = [renames.get(op["request_id"], op["request_id"]) for op in ops]
     found = {
         row.request_id: row
         for row in conn.execute(
-            select(
-                requests_table.c.id,
-                requests_table.c.request_id,
-                requests_table.c.session_id,
-                requests_table.c.metadata,
-            ).where(requests_table.c.request_id.in_(wanted))
+            select(requests_table.c.id, requests_table.c.request_id, requests_table.c.session_id).where(
+                requests_table.c.request_id.in_(wanted)
+            )
         )
     }
     answered = set(
@@ -176,26 +195,37 @@ def _write_responses(conn: Connection, ops: list[Op], renames: dict[str, str], o
             continue
         answered.add(request.id)
         rows.append({**op["response"], "request_id": request.id, "session_id": request.session_id})
-        session = op.get("session_update") or {}
-        session_updates.append(
-            {
-                "sid": request.session_id,
-                "n": session.get("message_count"),
-                "p": session.get("parent_id"),
-                "c": session.get("chat_id"),
-                "now": op["response"]["timestamp"],
-            }
-        )
+        if op["request_id"] not in folded:
+            session = op.get("session_update") or {}
+            session_updates.append(
+                {
+                    "sid": request.session_id,
+                    "n": session.get("message_count"),
+                    "p": session.get("parent_id"),
+                    "c": session.get("chat_id"),
+                    "now": op["response"]["timestamp"],
+                }
+            )
         if op.get("request_update"):
-            values = dict(op["request_update"])
-            if isinstance(values.get("metadata"), dict) and isinstance(request.metadata, dict):
-                # Reported metadata is merged into what the request carried, never replaces it.
-                values["metadata"] = {**request.metadata, **values["metadata"]}
-            conn.execute(update(requests_table).where(requests_table.c.id == request.id).values(**values))
+            _apply_request_update(conn, request.id, op["request_update"])
     if rows:
-        _executemany(conn, insert(responses_table), rows)
+        conn.execute(insert(responses_table), rows)
+    if session_updates:
         _update_sessions_after_response(conn, session_updates)
     outcome.written += len(rows)
+
+
+def _apply_request_update(conn: Connection, request_id: int, update_values: dict[str, Any]) -> None:
+    """What the app reported about its request (provider payload, provider, metadata)."""
+    values = dict(update_values)
+    if isinstance(values.get("metadata"), dict):
+        # Reported metadata is merged into what the request carried, never replaces it.
+        stored = conn.execute(
+            select(requests_table.c.metadata).where(requests_table.c.id == request_id)
+        ).scalar_one()
+        if isinstance(stored, dict):
+            values["metadata"] = {**stored, **values["metadata"]}
+    conn.execute(update(requests_table).where(requests_table.c.id == request_id).values(**values))
 
 
 def _update_sessions_after_response(conn: Connection, updates: list[dict[str, Any]]) -> None:
@@ -211,4 +241,4 @@ def _update_sessions_after_response(conn: Connection, updates: list[dict[str, An
             updated_at=case((bindparam("now") > table.updated_at, bindparam("now")), else_=table.updated_at),
         )
     )
-    _executemany(conn, stmt, updates)
+    conn.execute(stmt, updates)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,14 +51,14 @@ def canonical_text(content: Any) -> str:
 
 
 def _part_text(part: Any) -> str:
-    if not isinstance(part, Mapping):
+    if not isinstance(part, dict):
         return canonical_text(part)
     kind = part.get("type")
     if kind == "text" and isinstance(part.get("text"), str):
         return str(part["text"])
     if kind == "image_url":
         image = part.get("image_url")
-        url = image.get("url") if isinstance(image, Mapping) else image
+        url = image.get("url") if isinstance(image, dict) else image
         if isinstance(url, str):
             return url if not url.startswith("data:") else "image:sha256:" + _sha256(url)
     return f"{kind}:sha256:" + _sha256(json.dumps(part, sort_keys=True, ensure_ascii=False))
@@ -71,17 +70,17 @@ def _sha256(text: str) -> str:
 
 def first_user_message(body: Any) -> str | None:
     """Canonical text of the first ``user`` message, or None when there is none."""
-    messages = body.get("messages") if isinstance(body, Mapping) else None
+    messages = body.get("messages") if isinstance(body, dict) else None
     if not isinstance(messages, list):
         return None
     for message in messages:
-        if isinstance(message, Mapping) and message.get("role") == "user":
+        if isinstance(message, dict) and message.get("role") == "user":
             return canonical_text(message.get("content"))
     return None
 
 
 def message_count(body: Any) -> int:
-    messages = body.get("messages") if isinstance(body, Mapping) else None
+    messages = body.get("messages") if isinstance(body, dict) else None
     return len(messages) if isinstance(messages, list) else 0
 
 
@@ -95,13 +94,13 @@ def resolve_session_id(
     first = first_user_message(body)
     if is_valid_client_id(header_value):
         return str(header_value), first or ""
-    metadata = body.get("metadata") if isinstance(body, Mapping) else None
-    from_metadata = metadata.get("session_id") if isinstance(metadata, Mapping) else None
+    metadata = body.get("metadata") if isinstance(body, dict) else None
+    from_metadata = metadata.get("session_id") if isinstance(metadata, dict) else None
     if isinstance(from_metadata, str) and is_valid_client_id(from_metadata):
         return from_metadata, first or ""
     if first is None:
         return f"request-{request_id}", ""
-    user = body.get("user") if isinstance(body, Mapping) else None
+    user = body.get("user") if isinstance(body, dict) else None
     scope = ""
     if key_fingerprint or isinstance(user, str):
         # A JSON array is self-delimiting, so no (key, user, message) triple can pass for another.
