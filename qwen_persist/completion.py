@@ -99,7 +99,7 @@ def _is_number(value: object) -> bool:
 def _fresh(value: Any) -> Any:
     if isinstance(value, str):
         return _Text(value)
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         acc: dict[str, Any] = {}
         _merge(acc, value)
         return acc
@@ -122,7 +122,7 @@ def _merge(acc: dict[str, Any], delta: Mapping[str, Any]) -> None:
             acc[key] = _fresh(value)
         elif isinstance(current, _Text) and isinstance(value, str):
             current.parts.append(value)
-        elif isinstance(current, dict) and isinstance(value, Mapping):
+        elif isinstance(current, dict) and isinstance(value, dict):
             _merge(current, value)
         elif isinstance(current, list) and isinstance(value, list):
             _extend(current, value)
@@ -135,7 +135,7 @@ def _merge(acc: dict[str, Any], delta: Mapping[str, Any]) -> None:
 def _extend(acc: list[Any], delta: list[Any]) -> None:
     """Entries that carry an integer ``index`` update the entry with that index; others are appended."""
     for entry in delta:
-        index = entry.get("index") if isinstance(entry, Mapping) else None
+        index = entry.get("index") if isinstance(entry, dict) else None
         if isinstance(index, int):
             target = next((e for e in acc if isinstance(e, dict) and e.get("index") == index), None)
             if target is not None:
@@ -183,7 +183,7 @@ class _ToolCall:
                 # Empty placeholders some servers send before the real value do not count as "first".
                 if not getattr(self, key) and value is not None:
                     setattr(self, key, value)
-            elif key == "function" and isinstance(value, Mapping):
+            elif key == "function" and isinstance(value, dict):
                 self._add_function(value)
             else:
                 _merge(self.extra, {key: value})
@@ -224,7 +224,7 @@ class _Choice:
         finished = False
         for key, value in choice.items():
             if key == "delta":
-                if isinstance(value, Mapping):
+                if isinstance(value, dict):
                     finished = self._add_delta(value)
             elif key == "finish_reason":
                 if value:  # the SDK ignores empty strings too
@@ -253,12 +253,21 @@ class _Choice:
                 self.message.setdefault("tool_calls", None)
                 if isinstance(value, list):
                     self._add_tool_calls(value)
+            elif type(value) is str and key not in ("index", "type"):
+                # The common delta, a text fragment, appended without the general merge.
+                current = self.message.get(key)
+                if type(current) is _Text:
+                    current.parts.append(value)
+                elif current is None:
+                    self.message[key] = _Text(value)
+                else:
+                    _merge(self.message, {key: value})
             else:
                 _merge(self.message, {key: value})
 
     def _add_tool_calls(self, fragments: list[Any]) -> None:
         for fragment in fragments:
-            if not isinstance(fragment, Mapping):
+            if not isinstance(fragment, dict):
                 continue
             index = fragment.get("index")
             if not isinstance(index, int):
@@ -291,8 +300,8 @@ class _Choice:
         return delta.get("status") == "finished" and not thinking
 
     def _new_summary(self, extra: Any) -> str:
-        thought = extra.get("summary_thought") if isinstance(extra, Mapping) else None
-        paragraphs = thought.get("content") if isinstance(thought, Mapping) else None
+        thought = extra.get("summary_thought") if isinstance(extra, dict) else None
+        paragraphs = thought.get("content") if isinstance(thought, dict) else None
         if not isinstance(paragraphs, list) or len(paragraphs) <= self.summary_seen:
             return ""
         new = [p for p in paragraphs[self.summary_seen :] if isinstance(p, str) and p]
@@ -301,7 +310,7 @@ class _Choice:
         return separator + "\n".join(new)
 
     def _add_logprobs(self, logprobs: Any) -> None:
-        if not isinstance(logprobs, Mapping):
+        if not isinstance(logprobs, dict):
             return
         if self.logprobs is None:
             # The first logprobs object is taken as is (an empty list stays an empty list), like the SDK.
@@ -383,7 +392,7 @@ class ChatCompletionAccumulator:
                 if isinstance(value, list):
                     self._add_choices(value)
             elif key == "usage":
-                if isinstance(value, Mapping):
+                if isinstance(value, dict):
                     self._usage = _normalize_usage(value)
             elif key == "error":
                 if value is not None:
@@ -430,7 +439,7 @@ class ChatCompletionAccumulator:
 
     def _add_choices(self, choices: list[Any]) -> None:
         for raw in choices:
-            if not isinstance(raw, Mapping):
+            if not isinstance(raw, dict):
                 continue
             index = raw.get("index", 0)
             if not isinstance(index, int):
@@ -442,7 +451,7 @@ class ChatCompletionAccumulator:
                 self._done = True
 
     def _add_created(self, created: Any) -> None:
-        if not isinstance(created, Mapping):
+        if not isinstance(created, dict):
             return
         for key in ("chat_id", "parent_id", "response_id"):
             value = created.get(key)
@@ -450,9 +459,9 @@ class ChatCompletionAccumulator:
                 setattr(self, f"_{key}", value)
 
     def _set_error(self, error: Any) -> None:
-        if isinstance(error, Mapping):
+        if isinstance(error, dict):
             inner = error.get("error")
-            self._error = dict(inner) if isinstance(inner, Mapping) else dict(error)
+            self._error = dict(inner) if isinstance(inner, dict) else dict(error)
         else:
             self._error = {"message": str(error)}
 
