@@ -16,6 +16,7 @@ from typing import Any
 from .bodies import decode_json_body
 from .completion import StreamReconstructor, StreamResult, reconstruct_stream
 from .config import Redactor
+from .gil import yield_gil
 from .repository import Op
 from .sessions import message_count, resolve_session_id, session_row
 
@@ -55,6 +56,7 @@ class StreamHandoff:
             return
         try:
             while self._pending:
+                yield_gil()
                 chunk = self._pending.popleft()
                 self._reconstructor.feed(chunk)
                 self.fed += len(chunk)

@@ -15,9 +15,18 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from .gil import yield_gil
 from .models import requests_table, responses_table, sessions_table
 
 Op = dict[str, Any]
+# Rows per executemany: SQLAlchemy prepares the parameters holding the GIL (see gil.py).
+SLICE = 128
+
+
+def _executemany(conn: Connection, statement: Any, rows: Sequence[dict[str, Any]]) -> None:
+    for start in range(0, len(rows), SLICE):
+        yield_gil()
+        conn.execute(statement, list(rows[start : start + SLICE]))
 
 
 @dataclass(slots=True)
@@ -66,7 +75,7 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
             "parent_id": func.coalesce(new.parent_id, case((was_expired, None), else_=table.parent_id)),
         },
     )
-    conn.execute(stmt, list(rows))
+    _executemany(conn, stmt, rows)
 
 
 def _merge_sessions(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -157,7 +166,7 @@ def _write_requests(
             folded.add(rid)
     upsert_sessions(conn, _merge_sessions(sessions))
     if rows:
-        conn.execute(insert(requests_table), rows)
+        _executemany(conn, insert(requests_table), rows)
     outcome.written += len(rows)
     return folded
 
@@ -209,7 +218,7 @@ def _write_responses(
         if op.get("request_update"):
             _apply_request_update(conn, request.id, op["request_update"])
     if rows:
-        conn.execute(insert(responses_table), rows)
+        _executemany(conn, insert(responses_table), rows)
     if session_updates:
         _update_sessions_after_response(conn, session_updates)
     outcome.written += len(rows)
@@ -241,4 +250,4 @@ def _update_sessions_after_response(conn: Connection, updates: list[dict[str, An
             updated_at=case((bindparam("now") > table.updated_at, bindparam("now")), else_=table.updated_at),
         )
     )
-    conn.execute(stmt, updates)
+    _executemany(conn, stmt, updates)

@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .config import Settings
+from .gil import yield_gil
 from .records import CapturedRequest, CapturedResponse, RequestFacts, StreamHandoff, request_op, response_op
 from .repository import Op, write_ops
 from .spill import SpillFile
@@ -226,6 +227,7 @@ class Writer:
     def _to_ops(self, records: list[Record]) -> list[Op]:
         ops: list[Op] = []
         for record in records:
+            yield_gil()
             try:
                 if isinstance(record, CapturedRequest):
                     op, facts = request_op(
