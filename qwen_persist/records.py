@@ -56,7 +56,7 @@ class StreamHandoff:
             return
         try:
             while self._pending:
-                yield_gil()
+                yield_gil()  # other requests' turns on the event loop (see gil.py)
                 chunk = self._pending.popleft()
                 self._reconstructor.feed(chunk)
                 self.fed += len(chunk)
