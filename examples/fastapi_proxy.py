@@ -18,27 +18,12 @@ from typing import Any
 import anyio
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+
+# The header rules, timeouts and error shape are the Starlette proxy's; only the app is FastAPI's.
+from openai_proxy import NOT_FORWARDED, NOT_RETURNED, TIMEOUT, error_response
 
 from qwen_persist import PersistenceMiddleware
-
-# Headers that describe one connection, or that the server on our side writes itself.
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-}
-NOT_RETURNED = HOP_BY_HOP | {"date", "server"}
-# The client's credentials are for this proxy; the upstream gets the proxy's own key.
-NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "api-key", "x-api-key", "cookie", "accept-encoding"}
-TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=10.0)
 
 
 def create_app(
@@ -78,14 +63,7 @@ def create_app(
         try:
             upstream = await client.send(upstream_request, stream=True)
         except httpx.HTTPError as exc:
-            body = {
-                "error": {
-                    "message": f"upstream request failed: {exc!r}",
-                    "type": "proxy_error",
-                    "code": "upstream_unavailable",
-                }
-            }
-            return JSONResponse(body, status_code=502)
+            return error_response(502, f"upstream request failed: {exc!r}", "upstream_unavailable")
 
         async def relay() -> AsyncIterator[bytes]:
             try:
