@@ -41,10 +41,6 @@ def _as_text(data: bytes, *, truncated: bool) -> tuple[str, str]:
     return text, "utf-8"
 
 
-def is_raw_body(value: Any) -> bool:
-    return isinstance(value, dict) and value.get(RAW_MARKER) is True
-
-
 def decode_json_body(
     data: bytes, *, truncated: bool = False, size: int | None = None
 ) -> tuple[Any, str | None]:

@@ -182,10 +182,6 @@ class Writer:
             queue_depth=self._queue.qsize(),
         )
 
-    @property
-    def spill_path(self) -> str | None:
-        return str(self._spill.path) if self._spill.path else None
-
     # -- the writer thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
