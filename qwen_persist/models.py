@@ -117,6 +117,8 @@ class Response(Base):
     error: Mapped[str | None] = mapped_column(Text)
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     first_byte_ms: Mapped[int | None] = mapped_column(Integer)
+    # The allow-listed response headers (the middleware's response_headers option), by lower-case name.
+    headers: Mapped[Any | None] = mapped_column(json_type(nullable=True))
 
 
 metadata = Base.metadata

@@ -18,7 +18,7 @@ from qwen_persist.cli import main
 from qwen_persist.engine import DATABASE_URL_ENV, make_engine
 from qwen_persist.models import TABLE_NAMES
 
-REVISIONS = ["0001_v1_baseline", "0002_split_tables", "0003_adopt_node_v2"]
+REVISIONS = ["0001_v1_baseline", "0002_split_tables", "0003_adopt_node_v2", "0004_response_headers"]
 
 
 def tables(url: str) -> set[str]:
@@ -274,18 +274,18 @@ def test_cli_db_commands(database_url: str, capsys: pytest.CaptureFixture[str]) 
     status, out, _ = run_cli(capsys, "db", "upgrade", "0002_split_tables", "--database-url", database_url)
     assert status == 0 and "to 0002_split_tables" in out
     status, out, _ = run_cli(capsys, "db", "upgrade", "--database-url", database_url)
-    assert status == 0 and "to 0003_adopt_node_v2" in out
+    assert status == 0 and "to 0004_response_headers" in out
     status, out, _ = run_cli(capsys, "db", "upgrade", "--database-url", database_url)
-    assert status == 0 and "already at 0003_adopt_node_v2" in out
+    assert status == 0 and "already at 0004_response_headers" in out
 
     status, out, _ = run_cli(capsys, "db", "current", "--database-url", database_url)
-    assert (status, out.strip()) == (0, "0003_adopt_node_v2 (head)")
+    assert (status, out.strip()) == (0, "0004_response_headers (head)")
 
     status, out, _ = run_cli(capsys, "db", "history", "--database-url", database_url)
     lines = out.strip().splitlines()
-    assert status == 0 and len(lines) == 3
+    assert status == 0 and len(lines) == len(REVISIONS)
     assert lines[0].startswith("<base> -> 0001_v1_baseline")
-    assert "(head) (current)" in lines[2]
+    assert "(head) (current)" in lines[-1]
 
     status, out, _ = run_cli(capsys, "db", "downgrade", "base", "--database-url", database_url)
     assert status == 0 and "to base" in out
