@@ -4,19 +4,47 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine import DEFAULT_DATABASE_URL, normalize_url
+from sqlalchemy.engine import URL
 
-# A redaction hook gets a parsed body (the request as sent, or the rebuilt response) and the kind
-# ("request" or "response"); it returns the body to store, or None to store no content at all.
-Redactor = Callable[[Any, str], Any]
+from .engine import DEFAULT_DATABASE_URL, normalize_url
+from .paths import check_path
+from .redaction import DEFAULT_REDACT_FIELDS, Redactor
 
 ENV_PREFIX = "QWEN_PERSIST_"
-DEFAULT_PATHS = ("/v1/chat/completions",)
+# The spellings clients and SDKs post chat completions to: OpenAI's, the bare one (LiteLLM, many SDK
+# base URLs), and Azure OpenAI's. One trailing slash is ignored.
+DEFAULT_PATHS = (
+    "/v1/chat/completions",
+    "/chat/completions",
+    "/openai/deployments/{deployment}/chat/completions",
+)
+# Response headers that link a row to the upstream's own records; never credentials.
+DEFAULT_RESPONSE_HEADERS = (
+    "x-request-id",
+    "openai-processing-ms",
+    "openai-version",
+    "x-litellm-call-id",
+    "x-litellm-model-id",
+    "x-litellm-response-cost",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+    "retry-after",
+    "content-encoding",
+)
+# Headers that carry credentials are never stored, whatever the allow-list says.
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "api-key", "x-api-key"}
+)
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 DEFAULT_SESSION_HEADER = "x-session-id"
 DEFAULT_SESSION_TTL = 30 * 60.0
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -43,6 +71,9 @@ class Settings:
     flush_interval: float
     spill_dir: Path
     auto_upgrade: bool
+    redact_fields: frozenset[str] = frozenset(DEFAULT_REDACT_FIELDS)
+    response_headers: frozenset[str] = frozenset(DEFAULT_RESPONSE_HEADERS)
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
 
     @property
     def session_ttl_ms(self) -> int:
@@ -136,6 +167,9 @@ def build_settings(
     flush_interval: float | None = None,
     spill_dir: str | os.PathLike[str] | None = None,
     auto_upgrade: bool | None = None,
+    redact_fields: Iterable[str] | None = None,
+    response_headers: Iterable[str] | None = None,
+    shutdown_timeout: float | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Resolve every option (argument, else environment, else default) and fail on nonsense."""
@@ -150,18 +184,33 @@ def build_settings(
         raise ConfigurationError(str(exc)) from None
     if backend not in ("sqlite", "postgresql"):
         raise ConfigurationError(f"database_url: only SQLite and PostgreSQL are supported, not {backend}")
+    if backend == "sqlite":
+        _check_sqlite_file(normalize_url(url))
 
-    if paths is None:
-        env_paths = _env("PATHS", env)
-        paths = env_paths.split(",") if env_paths else DEFAULT_PATHS
-    if isinstance(paths, str):
-        raise ConfigurationError("paths must be a collection of paths, not a single string")
-    paths = _strings("paths", paths)
-    path_set = frozenset(p.strip() for p in paths if p.strip())
-    if not path_set or any(not p.startswith("/") for p in path_set):
-        raise ConfigurationError(
-            f"paths must be non-empty absolute paths starting with '/', got {sorted(path_set)}"
+    path_set = frozenset(_names("paths", paths, _env("PATHS", env), DEFAULT_PATHS))
+    if not path_set:
+        raise ConfigurationError("paths must name at least one path, e.g. '/v1/chat/completions'")
+    for path in sorted(path_set):
+        problem = check_path(path)
+        if problem:
+            raise ConfigurationError(f"paths: {path!r} {problem}")
+
+    headers = frozenset(
+        name.lower()
+        for name in _names(
+            "response_headers", response_headers, _env("RESPONSE_HEADERS", env), DEFAULT_RESPONSE_HEADERS
         )
+    )
+    for name in sorted(headers):
+        if not _is_header_name(name):
+            raise ConfigurationError(f"response_headers: {name!r} is not a header name")
+    if headers & SECRET_HEADERS:
+        raise ConfigurationError(
+            f"response_headers: {sorted(headers & SECRET_HEADERS)} carry credentials and are never stored"
+        )
+    fields = frozenset(
+        _names("redact_fields", redact_fields, _env("REDACT_FIELDS", env), DEFAULT_REDACT_FIELDS)
+    )
 
     if session_header is not None and not isinstance(session_header, str):
         raise ConfigurationError(f"session_header must be a header name, got {session_header!r}")
@@ -216,4 +265,48 @@ def build_settings(
             spill_dir if spill_dir is not None else (_env("SPILL_DIR", env) or DEFAULT_SPILL_DIR)
         ),
         auto_upgrade=_flag("auto_upgrade", auto_upgrade, _env("AUTO_UPGRADE", env)),
+        redact_fields=fields,
+        response_headers=headers,
+        shutdown_timeout=_number(
+            "shutdown_timeout",
+            shutdown_timeout,
+            _env("SHUTDOWN_TIMEOUT", env),
+            DEFAULT_SHUTDOWN_TIMEOUT,
+            integer=False,
+            minimum=0,
+        ),
     )
+
+
+def _names(
+    name: str, value: Iterable[str] | None, env: str | None, default: Iterable[str] | None
+) -> list[str]:
+    """A list option: the argument (a collection of strings), else the comma-separated environment
+    variable, else the default. Blank entries are dropped."""
+    if value is None:
+        value = env.split(",") if env is not None else list(default or ())
+    elif isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a collection of strings, not a single string")
+    return [item.strip() for item in _strings(name, value) if item.strip()]
+
+
+def _check_sqlite_file(url: URL) -> None:
+    """An in-memory database would vanish with each connection, and a file in a missing directory cannot
+    be created: both would only show later as a writer retrying forever, so refuse them now."""
+    database = url.database or ""
+    memory = (
+        database in ("", ":memory:")
+        or "mode=memory" in str(url.query)
+        or database.startswith("file::memory:")
+    )
+    if memory:
+        raise ConfigurationError(
+            "database_url: an in-memory SQLite database cannot be shared by the writer and the app; "
+            "use a file, e.g. sqlite:///qwen_persist.db"
+        )
+    path = Path(database.removeprefix("file:").split("?", 1)[0])
+    if not path.parent.is_dir():
+        raise ConfigurationError(
+            f"database_url: the directory {str(path.parent)!r} of the SQLite file does not exist; create it "
+            "first (it is not created for you, so a mistyped path cannot scatter databases around)"
+        )

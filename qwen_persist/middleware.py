@@ -12,20 +12,25 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy.exc import NoSuchModuleError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import ConfigurationError, Redactor, Settings, build_settings
+from .config import ConfigurationError, Settings, build_settings
+from .encodings import parse_content_encoding
 from .engine import make_engine
 from .exchange import SCOPE_KEY, Exchange
+from .paths import PathMatcher, route_path
 from .records import CapturedRequest, CapturedResponse, StreamHandoff
+from .redaction import Redactor
 from .sessions import SessionManager, api_key_fingerprint, is_valid_client_id, new_request_id, now_ms
 from .writer import Writer, WriterStats
 
 log = logging.getLogger("qwen_persist")
 
 REQUEST_ID_HEADER = b"x-request-id"
+STATE_KEY = "qwen_persist"  # the instance in app.state and in the lifespan state
 _SEEN_IDS = 65_536  # client request ids remembered to refuse reuse without a database round trip
 
 
@@ -53,48 +58,79 @@ class PersistenceMiddleware:
         flush_interval: float | None = None,
         spill_dir: str | None = None,
         auto_upgrade: bool | None = None,
+        redact_fields: Iterable[str] | None = None,
+        response_headers: Iterable[str] | None = None,
+        shutdown_timeout: float | None = None,
     ) -> None:
         self.app = app
-        self.settings: Settings = build_settings(
-            database_url=database_url,
-            paths=paths,
-            session_header=session_header,
-            session_ttl=session_ttl,
-            max_body_bytes=max_body_bytes,
-            redact=redact,
-            queue_size=queue_size,
-            batch_size=batch_size,
-            flush_interval=flush_interval,
-            spill_dir=spill_dir,
-            auto_upgrade=auto_upgrade,
-        )
         try:
-            self.engine = make_engine(self.settings.database_url)
-        except (ImportError, NoSuchModuleError) as exc:
-            raise ConfigurationError(
-                f"no database driver for {self.settings.database_url.split(':', 1)[0]} URLs ({exc}); "
-                "for PostgreSQL install qwen-persist[postgres]"
-            ) from None
+            self.settings: Settings = build_settings(
+                database_url=database_url,
+                paths=paths,
+                session_header=session_header,
+                session_ttl=session_ttl,
+                max_body_bytes=max_body_bytes,
+                redact=redact,
+                queue_size=queue_size,
+                batch_size=batch_size,
+                flush_interval=flush_interval,
+                spill_dir=spill_dir,
+                auto_upgrade=auto_upgrade,
+                redact_fields=redact_fields,
+                response_headers=response_headers,
+                shutdown_timeout=shutdown_timeout,
+            )
+            try:
+                self.engine = make_engine(self.settings.database_url)
+            except (ImportError, NoSuchModuleError) as exc:
+                raise ConfigurationError(
+                    f"no database driver for {self.settings.database_url.split(':', 1)[0]} URLs ({exc}); "
+                    "for PostgreSQL install qwen-persist[postgres]"
+                ) from None
+        except ConfigurationError as exc:
+            # Starlette builds its middleware lazily, on the first lifespan or request, and uvicorn's
+            # default lifespan mode ("auto") swallows an exception there; this line is then the only
+            # place the mistake shows before every request fails.
+            log.error("qwen_persist: PersistenceMiddleware cannot start: %s", exc)
+            raise
         self.writer = Writer(self.settings, self.engine)
         self.sessions = SessionManager(self.engine, ttl=self.settings.session_ttl)
+        self._paths = PathMatcher(self.settings.paths)
         self._session_header = self.settings.session_header.encode("latin-1")
+        self._response_headers = frozenset(h.encode("latin-1") for h in self.settings.response_headers)
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
+        self._published = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.settings.paths:
+        if not self._published:
+            self._publish(scope)
+        if scope["type"] == "http" and scope["method"] == "POST" and self._paths(route_path(scope)):
             await _ExchangeResponder(self, scope)(receive, send)
         elif scope["type"] == "lifespan":
-            await self.app(scope, receive, _LifespanSend(self.writer, send))
+            await self.app(scope, receive, _LifespanSend(self, send))
         else:
             await self.app(scope, receive, send)
+
+    def _publish(self, scope: Scope) -> None:
+        """Make the instance reachable from the app when it was added with ``app.add_middleware``:
+        ``app.state.qwen_persist`` (Starlette and FastAPI) and ``request.state.qwen_persist`` (any
+        server with ASGI lifespan state)."""
+        self._published = True
+        app_state = getattr(scope.get("app"), "state", None)
+        if app_state is not None:
+            setattr(app_state, STATE_KEY, self)
+        state = scope.get("state")
+        if scope["type"] == "lifespan" and isinstance(state, dict):
+            state[STATE_KEY] = self
 
     def stats(self) -> WriterStats:
         """Counters: accepted, written, spilled, failed, duplicates, retries, queue depth."""
         return self.writer.stats()
 
-    async def aclose(self, timeout: float = 30.0) -> WriterStats:
-        """Store everything still queued (spilling what the database cannot take within ``timeout``)."""
-        return await self.writer.aclose(timeout)
+    async def aclose(self, timeout: float | None = None) -> WriterStats:
+        """Store everything still queued, spilling what the database cannot take within ``timeout``
+        seconds (default: the ``shutdown_timeout`` option)."""
+        return await self.writer.aclose(self.settings.shutdown_timeout if timeout is None else timeout)
 
     def _request_id(self, offered: str | None) -> str:
         if offered is not None and is_valid_client_id(offered) and offered not in self._seen_ids:
@@ -108,18 +144,58 @@ class PersistenceMiddleware:
 class _LifespanSend:
     """Starts the writer with the app and flushes it when the app has finished shutting down."""
 
-    __slots__ = ("send", "writer")
+    __slots__ = ("middleware", "send")
 
-    def __init__(self, writer: Writer, send: Send) -> None:
-        self.writer = writer
+    def __init__(self, middleware: PersistenceMiddleware, send: Send) -> None:
+        self.middleware = middleware
         self.send = send
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "lifespan.startup.complete":
-            self.writer.start()
+            self.middleware.writer.start()
         elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            await self.writer.aclose()
+            await self.middleware.aclose()
         await self.send(message)
+
+
+def middleware_of(app: Any) -> PersistenceMiddleware:
+    """The `PersistenceMiddleware` of ``app`` (a Starlette/FastAPI app, a ``Request``, or any ASGI app
+    wrapped in middleware that keeps its inner app as ``.app``), for ``stats()``, ``aclose()`` and
+    ``sessions`` when it was added with ``app.add_middleware(...)``.
+
+    Called on a Starlette app before it has served anything, it builds the middleware stack the way
+    Starlette would on its first call, so a bad option raises `ConfigurationError` here, at start-up.
+    """
+    found = _search(app)
+    if found is None:
+        raise LookupError(f"no PersistenceMiddleware found in {app!r}")
+    return found
+
+
+def _search(app: Any) -> PersistenceMiddleware | None:
+    seen: set[int] = set()
+    layer = app
+    while layer is not None and id(layer) not in seen:
+        seen.add(id(layer))
+        if isinstance(layer, PersistenceMiddleware):
+            return layer
+        state = getattr(layer, "state", None)
+        published = getattr(state, STATE_KEY, None)
+        if isinstance(published, PersistenceMiddleware):
+            return published
+        if hasattr(layer, "build_middleware_stack") and getattr(layer, "middleware_stack", 0) is None:
+            layer.middleware_stack = layer.build_middleware_stack()
+        scope = getattr(layer, "scope", None)  # a Request: its app, or its lifespan state
+        if isinstance(scope, dict) and isinstance(scope.get("state"), dict):
+            published = scope["state"].get(STATE_KEY)
+            if isinstance(published, PersistenceMiddleware):
+                return published
+        layer = (
+            scope.get("app")
+            if isinstance(scope, dict)
+            else getattr(layer, "middleware_stack", None) or getattr(layer, "app", None)
+        )
+    return None
 
 
 class _ExchangeResponder:
@@ -132,7 +208,7 @@ class _ExchangeResponder:
         self.writer = middleware.writer
         self.limit = middleware.settings.max_body_bytes
         self.scope = scope
-        offered = session_value = key = None
+        offered = session_value = key = codings = None
         session_header = middleware._session_header
         for name, value in scope["headers"]:
             if name == REQUEST_ID_HEADER:
@@ -144,17 +220,22 @@ class _ExchangeResponder:
                 key = credential.strip() if scheme.lower() == "bearer" else key
             elif name in (b"api-key", b"x-api-key") and key is None:
                 key = value.decode("latin-1")
+            elif name == b"content-encoding":
+                codings = parse_content_encoding(value.decode("latin-1")) or None
+        query = scope.get("query_string", b"")
         self.record = CapturedRequest(
             request_id=middleware._request_id(offered),
             arrived_ms=now_ms(),
             method=scope["method"],
-            path=scope["path"],
+            # As the client addressed it: mount prefix and query string (Azure's api-version) included.
+            path=scope["path"] + "?" + query.decode("latin-1") if query else scope["path"],
             body=b"",
             body_size=0,
             body_truncated=False,
             session_header=session_value,
             key_fingerprint=api_key_fingerprint(key) if key else None,
             body_complete=False,
+            codings=codings,
         )
         self.exchange = Exchange(middleware, self.record)
         scope[SCOPE_KEY] = self.exchange
@@ -162,6 +243,9 @@ class _ExchangeResponder:
         self.request_submitted = False
         self.status: int | None = None
         self.streamed = False
+        self.response_codings: list[str] | None = None
+        self.response_headers: dict[str, str] | None = None
+        self.sent_request_id: str | None = None
         self.response_chunks: list[bytes] = []
         self.response_size = 0
         self.response_truncated = False
@@ -171,7 +255,6 @@ class _ExchangeResponder:
         self.finished = False
         self.client_gone = False
         self.watcher: asyncio.Future[Message] | None = None
-        self.app_receiving = 0
 
     async def __call__(self, receive: Receive, send: Send) -> None:
         self.receive = receive
@@ -203,6 +286,9 @@ class _ExchangeResponder:
             if not message.get("more_body", False):
                 self.record.body_complete = True
                 self.submit_request()
+                # From here on only a disconnect can come, and servers drop what is sent after one
+                # without telling the app; listen for it, whatever kind of response follows.
+                self.watcher = asyncio.ensure_future(self._watch_disconnect())
         elif message["type"] == "http.disconnect":
             self.client_gone = True
             self.submit_request()
@@ -229,15 +315,11 @@ class _ExchangeResponder:
         self.writer.submit(self.record)
 
     async def _receive_after_body(self) -> Message:
-        # After the body only a disconnect can come. A watcher may already own the server's receive
-        # (see _watch_disconnect); then the app shares its answer instead of racing it.
+        # After the body only a disconnect can come. The watcher owns the server's receive (see
+        # receive_with_capture); the app shares its answer instead of racing it.
         if self.watcher is not None:
             return await asyncio.shield(self.watcher)
-        self.app_receiving += 1
-        try:
-            message = await self.receive()
-        finally:
-            self.app_receiving -= 1
+        message = await self.receive()  # the body ended with a disconnect: nothing left to watch
         if message["type"] == "http.disconnect" and not self.finished:
             self.client_gone = True
         return message
@@ -256,12 +338,22 @@ class _ExchangeResponder:
             self.status = message["status"]
             headers = list(message.get("headers", ()))
             has_id = False
+            kept = self.middleware._response_headers
             for name, value in headers:
                 lowered = name.lower()
                 if lowered == b"content-type":
                     self.streamed = value.lower().startswith(b"text/event-stream")
-                elif lowered == REQUEST_ID_HEADER:
+                elif lowered == b"content-encoding":
+                    self.response_codings = parse_content_encoding(value.decode("latin-1")) or None
+                if lowered == REQUEST_ID_HEADER:
+                    # The app set its own id (a passthrough proxy forwards the upstream's): that is the
+                    # id the client sees, so the stored request takes it.
                     has_id = True
+                    self.sent_request_id = value.decode("latin-1")
+                if lowered in kept:
+                    if self.response_headers is None:
+                        self.response_headers = {}
+                    self.response_headers[lowered.decode("latin-1")] = value.decode("latin-1")
             if not has_id:
                 headers.append((REQUEST_ID_HEADER, self.record.request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
@@ -281,10 +373,6 @@ class _ExchangeResponder:
             self._keep_response_bytes(chunk)
         if not more:
             self.finish(error="client_disconnected" if self.client_gone else None)
-        elif self.watcher is None and self.app_receiving == 0 and not self.client_gone:
-            # A streamed response: servers drop what is sent after a disconnect without telling the
-            # app, so listen for it ourselves (only if the app is not already listening).
-            self.watcher = asyncio.ensure_future(self._watch_disconnect())
 
     async def _send(self, message: Message) -> None:
         try:
@@ -302,7 +390,7 @@ class _ExchangeResponder:
         elif self.streamed:
             # Past max_body_bytes a stream is rebuilt as it passes, so memory stays bounded by the
             # completion's size rather than by the stream's.
-            self.handoff = StreamHandoff()
+            self.handoff = StreamHandoff(self.response_codings)
             for kept in self.response_chunks:
                 self.handoff.add(kept)
             self.response_chunks = []
@@ -349,5 +437,8 @@ class _ExchangeResponder:
             error=error,
             stream=self.handoff,
             reports=self.exchange.reports,
+            codings=self.response_codings,
+            headers=self.response_headers,
+            sent_request_id=self.sent_request_id if self.sent_request_id != self.record.request_id else None,
         )
         self.writer.submit(record)

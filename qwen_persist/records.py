@@ -6,6 +6,8 @@ sessions and redacting all happen here, on the writer's thread.
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import uuid
 from collections import deque
@@ -13,14 +15,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bodies import decode_json_body
+from . import jsonlib
+from .bodies import (
+    MAX_DEPTH,
+    decode_json_body,
+    escape_nul,
+    escape_text,
+    holds_nul,
+    raw_body,
+    too_deep,
+)
 from .completion import StreamReconstructor, StreamResult, reconstruct_stream
-from .config import Redactor
+from .config import DEFAULT_MAX_BODY_BYTES
+from .encodings import ContentDecoder, ContentDecodingError, decode_content
 from .gil import yield_gil
+from .redaction import DEFAULT_REDACT_FIELDS, REDACTED_DOCUMENT, Redaction
 from .repository import Op
 from .sessions import message_count, resolve_session_id, session_row
 
-REDACTED: dict[str, Any] = {"$qwen_persist_redacted": True}
+log = logging.getLogger("qwen_persist")
 
 
 class StreamHandoff:
@@ -28,13 +41,21 @@ class StreamHandoff:
 
     The request path only appends chunks and now and then queues the handoff so the writer thread feeds
     them to a reconstructor; the lock keeps the feeding in order whoever does it. If the writer falls far
-    behind, the request path feeds the backlog itself, so memory stays bounded either way.
+    behind, the request path feeds the backlog itself, so memory stays bounded either way. Nothing here
+    raises: a body that cannot be decoded or rebuilt stops the rebuilding and is reported by `finish`.
     """
 
-    __slots__ = ("_lock", "_pending", "_reconstructor", "added", "fed")
+    __slots__ = ("_decoder", "_lock", "_pending", "_reconstructor", "added", "fed", "problem")
 
-    def __init__(self) -> None:
+    def __init__(self, codings: list[str] | None = None) -> None:
         self._reconstructor = StreamReconstructor()
+        self._decoder: ContentDecoder | None = None
+        self.problem: str | None = None
+        if codings:
+            try:
+                self._decoder = ContentDecoder(codings)
+            except ValueError as exc:
+                self.problem = f"response_body_encoding_invalid: {exc}"
         self._lock = threading.Lock()
         self._pending: deque[bytes] = deque()
         # Each counter has one writer (the request path adds, the feeder feeds), so both stay exact.
@@ -58,10 +79,21 @@ class StreamHandoff:
             while self._pending:
                 yield_gil()  # other requests' turns on the event loop (see gil.py)
                 chunk = self._pending.popleft()
-                self._reconstructor.feed(chunk)
                 self.fed += len(chunk)
+                if self.problem is None:
+                    self._feed(chunk)
         finally:
             self._lock.release()
+
+    def _feed(self, chunk: bytes) -> None:
+        try:
+            if self._decoder is None:
+                self._reconstructor.feed(chunk)
+            else:
+                for piece in self._decoder.feed(chunk):
+                    self._reconstructor.feed(piece)
+        except Exception as exc:  # this may run on the request path: never let it reach the client
+            self.problem = f"response_stream_unprocessable: {type(exc).__name__}: {exc}"
 
     def finish(self) -> StreamResult:
         self.drain()
@@ -82,6 +114,7 @@ class CapturedRequest:
     key_fingerprint: str | None
     session_id: str | None = None  # set when the app asked for it on the request path
     body_complete: bool = True
+    codings: list[str] | None = None  # the body's Content-Encoding
 
 
 @dataclass(slots=True)
@@ -111,13 +144,9 @@ class CapturedResponse:
     stream: StreamHandoff | None = None  # a stream over max_body_bytes, rebuilt as it passed
     reports: Reports | None = None
     request: RequestFacts | None = None  # filled in by the writer
-
-
-def _redact(redact: Redactor | None, body: Any, kind: str) -> Any:
-    if redact is None:
-        return body
-    result = redact(body, kind)
-    return REDACTED if result is None else result
+    codings: list[str] | None = None  # the body's Content-Encoding
+    headers: dict[str, str] | None = None  # the allow-listed response headers
+    sent_request_id: str | None = None  # the app's own X-Request-Id, when it set one
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +157,26 @@ class RequestFacts:
     problem: str | None
 
 
-def request_op(record: CapturedRequest, *, ttl_ms: int, redact: Redactor | None) -> tuple[Op, RequestFacts]:
+# What ops are built with when no middleware says otherwise (tools and tests): the default credential
+# fields stripped, no hook.
+DEFAULT_REDACTION = Redaction(DEFAULT_REDACT_FIELDS, None)
+
+
+def request_op(
+    record: CapturedRequest,
+    *,
+    ttl_ms: int,
+    redaction: Redaction = DEFAULT_REDACTION,
+    limit: int = DEFAULT_MAX_BODY_BYTES,
+) -> tuple[Op, RequestFacts]:
     """The op for a captured request, and the facts its response will need."""
-    body, problem = decode_json_body(record.body, truncated=record.body_truncated, size=record.body_size)
+    body, problem = decode_json_body(
+        record.body,
+        truncated=record.body_truncated,
+        size=record.body_size,
+        codings=record.codings,
+        limit=limit,
+    )
     session_id, first = resolve_session_id(
         body,
         header_value=record.session_header,
@@ -140,24 +186,30 @@ def request_op(record: CapturedRequest, *, ttl_ms: int, redact: Redactor | None)
     if record.session_id is not None:
         session_id = record.session_id
     fields = body if isinstance(body, dict) else {}
-    model, user, metadata = fields.get("model"), fields.get("user"), fields.get("metadata")
+    model = fields.get("model")
+    stored = redaction.document(body, "request", text=None if record.codings else record.body)
+    # Protocol facts (model, stream) come from the body as sent; what may be personal (user, metadata,
+    # the first message) from the body as it is stored, so the hook's redaction holds for them too.
+    kept = stored if isinstance(stored, dict) else {}
+    user, metadata = kept.get("user"), kept.get("metadata")
     metadata = dict(metadata) if isinstance(metadata, dict) else None
     messages = message_count(body)
     if not record.body_complete and problem is None:
         problem = "body_incomplete"
     if problem:
         metadata = {**(metadata or {}), "capture_problem": problem}
+    first_text = _text(redaction.text(first, "first_user_message")) or ""
     op: Op = {
         "op": "request",
-        "session": session_row(session_id, first, messages, record.arrived_ms, ttl_ms),
+        "session": session_row(session_id, first_text, messages, record.arrived_ms, ttl_ms),
         "request": {
             "session_id": session_id,
             "request_id": record.request_id,
             "timestamp": record.arrived_ms,
             "created_at": record.arrived_ms,
             "method": record.method,
-            "path": record.path,
-            "openai_request": _redact(redact, body, "request"),
+            "path": _text(record.path),
+            "openai_request": stored,
             "model": model if isinstance(model, str) else None,
             "stream": fields.get("stream") is True,
             "user": user if isinstance(user, str) else None,
@@ -167,27 +219,34 @@ def request_op(record: CapturedRequest, *, ttl_ms: int, redact: Redactor | None)
     return op, RequestFacts(messages, problem)
 
 
-def response_op(record: CapturedResponse, *, redact: Redactor | None) -> Op:
+def response_op(
+    record: CapturedResponse, *, redaction: Redaction = DEFAULT_REDACTION, limit: int = DEFAULT_MAX_BODY_BYTES
+) -> Op:
     errors: list[str] = []
     usage: Mapping[str, Any] | None = None
     finish_reason: str | None = None
     upstream_id: str | None = None
-    body: Any
-    if record.streamed:
-        result = record.stream.finish() if record.stream is not None else reconstruct_stream([record.body])
-        body = result.completion
-        if result.error is not None:
-            body = {**(body or {}), "error": result.error} if body else {"error": result.error}
-            errors.append(_error_message(result.error))
-        usage, finish_reason, upstream_id = result.usage, result.finish_reason, result.upstream_id
-        if record.body_truncated and record.stream is None:
-            errors.append("response_body_too_large")
-        elif not result.complete and record.error is None and result.error is None:
-            errors.append("truncated")
-    elif record.body_size == 0:
+    body: Any = None
+    data = record.body
+    truncated = record.body_truncated
+    if record.codings and record.stream is None and data:
+        try:
+            data, overflow = decode_content(data, record.codings, limit=limit)
+            truncated = truncated or overflow
+        except ContentDecodingError:
+            body = raw_body(data, reason="encoding_invalid", truncated=truncated, size=record.body_size)
+            errors.append("response_body_encoding_invalid")
+    # An upstream that labels everything text/event-stream still answers errors (a 429) in plain JSON;
+    # an SSE stream never starts with a bracket, so such a body is read as the JSON it is.
+    streamed = record.streamed and not (record.stream is None and data.lstrip()[:1] in (b"{", b"["))
+    if body is not None:
+        pass  # the raw body of an encoding that could not be undone
+    elif streamed:
+        body, usage, finish_reason, upstream_id = _stream_body(record, data, truncated, errors)
+    elif not data:
         body = None
     else:
-        body, problem = decode_json_body(record.body, truncated=record.body_truncated, size=record.body_size)
+        body, problem = decode_json_body(data, truncated=truncated, size=record.body_size)
         if problem:
             errors.append("response_" + problem)
         if isinstance(body, dict):
@@ -201,45 +260,109 @@ def response_op(record: CapturedResponse, *, redact: Redactor | None) -> Op:
         errors.insert(0, "request_" + request.problem)
     reports = record.reports or Reports()
     tokens = _tokens(usage)
+    error = _text(redaction.text("; ".join(errors), "error")) if errors else None
     op: Op = {
         "op": "response",
         "request_id": record.request_id,
         "response": {
             "response_id": f"resp-{uuid.uuid4()}",
-            "upstream_id": upstream_id,
+            "upstream_id": _text(upstream_id),
             "timestamp": record.ended_ms,
             "created_at": record.ended_ms,
             "status_code": record.status_code,
-            "openai_response": _redact(redact, body, "response") if body is not None else None,
-            "qwen_response": reports.provider_response,
-            "parent_id": reports.parent_id,
+            "openai_response": None
+            if body is None
+            else redaction.document(body, "response", text=None if streamed or record.codings else data),
+            "qwen_response": _reported(reports.provider_response, "provider_response", redaction),
+            "parent_id": _text(reports.parent_id),
             "prompt_tokens": tokens[0],
             "completion_tokens": tokens[1],
             "total_tokens": tokens[2],
-            "finish_reason": finish_reason,
-            "error": "; ".join(errors) if errors else None,
+            "finish_reason": _text(finish_reason),
+            "error": error,
             "duration_ms": record.duration_ms,
             "first_byte_ms": record.first_byte_ms,
+            "headers": record.headers,
         },
         "session_update": {
             # The reply counts as a message of the conversation once it has finished.
             "message_count": None
             if request is None
             else request.messages + (1 if finish_reason is not None else 0),
-            "parent_id": reports.parent_id,
-            "chat_id": reports.chat_id,
+            "parent_id": _text(reports.parent_id),
+            "chat_id": _text(reports.chat_id),
         },
     }
+    if record.sent_request_id is not None:
+        op["sent_request_id"] = record.sent_request_id
     request_update: dict[str, Any] = {}
     if reports.provider_request is not None:
-        request_update["qwen_request"] = reports.provider_request
+        request_update["qwen_request"] = _reported(reports.provider_request, "provider_request", redaction)
     if reports.provider is not None:
-        request_update["provider"] = reports.provider
+        request_update["provider"] = _text(reports.provider)
     if reports.metadata:
-        request_update["metadata"] = reports.metadata
+        request_update["metadata"] = _reported(reports.metadata, "metadata", None)
     if request_update:
         op["request_update"] = request_update
     return op
+
+
+def _stream_body(
+    record: CapturedResponse, data: bytes, truncated: bool, errors: list[str]
+) -> tuple[Any, Mapping[str, Any] | None, str | None, str | None]:
+    """The rebuilt completion of a streamed response (or the raw stream when it cannot be rebuilt),
+    with its usage, finish_reason and upstream id; problems are added to ``errors``."""
+    handoff = record.stream
+    result = handoff.finish() if handoff is not None else reconstruct_stream([data])
+    problem = (handoff.problem if handoff is not None else None) or getattr(result, "problem", None)
+    body: Any = result.completion
+    if body is not None and too_deep(body, hint=None if handoff is not None else data):
+        problem = problem or f"response_stream_too_deep: a chunk nests more than {MAX_DEPTH} levels"
+    if problem is not None:
+        errors.append(problem)
+        if handoff is not None:
+            # Too large to have been kept: what was rebuilt before the problem, if it can be stored.
+            return (None if body is None or too_deep(body) else escape_nul(body)), None, None, None
+        return (
+            raw_body(data, reason="stream_unprocessable", truncated=truncated, size=record.body_size),
+            None,
+            None,
+            None,
+        )
+    if body is not None and (handoff is not None or b"\\u0000" in data):
+        body = escape_nul(body)
+    if result.error is not None:
+        body = {**(body or {}), "error": result.error} if body else {"error": result.error}
+        errors.append(_error_message(result.error))
+    if truncated and handoff is None:
+        errors.append("response_body_too_large")
+    elif not result.complete and record.error is None and result.error is None:
+        errors.append("truncated")
+    return body, result.usage, result.finish_reason, result.upstream_id
+
+
+def _text(value: str | None) -> str | None:
+    """A text column's value, storable on PostgreSQL (see bodies.py for the NUL escape)."""
+    return escape_text(value) if value is not None and "\x00" in value else value
+
+
+def _reported(value: Any, kind: str, redaction: Redaction | None) -> Any:
+    """A value the app reported, as plain JSON that both databases store (or a note saying why not)."""
+    if value is None:
+        return None
+    try:
+        plain = jsonlib.loads(json.dumps(value, default=str, ensure_ascii=False))
+    except (TypeError, ValueError, RecursionError) as exc:
+        return {"$qwen_persist_unstorable": f"{type(exc).__name__}: {exc}"[:500]}
+    if too_deep(plain):
+        return {"$qwen_persist_unstorable": f"nested more than {MAX_DEPTH} levels"}
+    if redaction is not None:
+        plain = redaction.document(plain, kind)
+    if isinstance(plain, dict):
+        return escape_nul(plain)
+    if isinstance(plain, str):
+        return _text(plain)
+    return plain if not holds_nul(plain) else {"$qwen_persist_unstorable": "NUL characters outside an object"}
 
 
 def _summary(body: Mapping[str, Any]) -> tuple[Mapping[str, Any] | None, str | None, str | None]:
@@ -282,3 +405,51 @@ def _error_message(error: Any) -> str:
         if isinstance(message, str) and message:
             return message
     return str(error) if not isinstance(error, dict) else repr(dict(error))
+
+
+def fallback_op(record: CapturedRequest | CapturedResponse, exc: BaseException, *, ttl_ms: int) -> Op:
+    """The op of a record whose normal op could not be built (a redaction hook that raised, say): the
+    exchange is still recorded, with its content withheld and the reason in ``metadata``/``error``."""
+    reason = _text(f"not_stored: {type(exc).__name__}"[:200])
+    if isinstance(record, CapturedRequest):
+        session_id = record.session_id or f"request-{record.request_id}"
+        return {
+            "op": "request",
+            "session": session_row(session_id, "", 0, record.arrived_ms, ttl_ms),
+            "request": {
+                "session_id": session_id,
+                "request_id": record.request_id,
+                "timestamp": record.arrived_ms,
+                "created_at": record.arrived_ms,
+                "method": record.method,
+                "path": _text(record.path),
+                "openai_request": REDACTED_DOCUMENT,
+                "model": None,
+                "stream": False,
+                "user": None,
+                "metadata": {"capture_problem": reason},
+            },
+        }
+    return {
+        "op": "response",
+        "request_id": record.request_id,
+        "response": {
+            "response_id": f"resp-{uuid.uuid4()}",
+            "upstream_id": None,
+            "timestamp": record.ended_ms,
+            "created_at": record.ended_ms,
+            "status_code": record.status_code,
+            "openai_response": None,
+            "qwen_response": None,
+            "parent_id": None,
+            "prompt_tokens": None,
+            "completion_tokens": None,
+            "total_tokens": None,
+            "finish_reason": None,
+            "error": reason,
+            "duration_ms": record.duration_ms,
+            "first_byte_ms": record.first_byte_ms,
+            "headers": record.headers,
+        },
+        "session_update": {"message_count": None, "parent_id": None, "chat_id": None},
+    }

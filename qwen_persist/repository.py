@@ -119,23 +119,34 @@ def write_ops(conn: Connection, ops: Sequence[Op], renamed: dict[str, str] | Non
     request_ops = [op for op in ops if op["op"] == "request"]
     response_ops = [op for op in ops if op["op"] == "response"]
     answers = {op["request_id"]: op for op in response_ops}
-    folded = _write_requests(conn, request_ops, answers, renames, outcome)
-    _write_responses(conn, response_ops, folded, renames, outcome)
+    # Renames that only this batch needs (a request taking the id its app sent, with its response here)
+    # stay out of ``renames``, which lives as long as the writer.
+    local: dict[str, str] = {}
+    folded = _write_requests(conn, request_ops, answers, renames, local, outcome)
+    _write_responses(conn, response_ops, folded, {**renames, **local}, outcome)
     return outcome
 
 
 def _write_requests(
-    conn: Connection, ops: list[Op], answers: dict[str, Op], renames: dict[str, str], outcome: BatchOutcome
+    conn: Connection,
+    ops: list[Op],
+    answers: dict[str, Op],
+    renames: dict[str, str],
+    local: dict[str, str],
+    outcome: BatchOutcome,
 ) -> set[str]:
     """Write the requests; returns the request ids whose response's session update was folded in."""
     folded: set[str] = set()
     if not ops:
         return folded
     ids = [op["request"]["request_id"] for op in ops]
+    sent_ids = {
+        rid: answers[rid]["sent_request_id"] for rid in ids if "sent_request_id" in answers.get(rid, ())
+    }
     existing = dict(
         conn.execute(
             select(requests_table.c.request_id, requests_table.c.timestamp).where(
-                requests_table.c.request_id.in_(ids)
+                requests_table.c.request_id.in_(ids + list(sent_ids.values()))
             )
         ).all()
     )
@@ -145,7 +156,20 @@ def _write_requests(
     for op in ops:
         row = dict(op["request"])
         rid = row["request_id"]
-        if rid in existing or rid in taken:
+        sent = sent_ids.get(rid)
+        if sent is not None:
+            if existing.get(sent) == row["timestamp"]:
+                outcome.duplicates += 1  # a replay of a request stored under the id its app sent
+                continue
+            if sent not in existing and sent not in taken:
+                # The app set its own X-Request-Id: the client saw that one, so the row is filed under it.
+                row.update(
+                    request_id=sent, metadata={**(row.get("metadata") or {}), "assigned_request_id": rid}
+                )
+                local[rid] = sent
+            else:
+                row["metadata"] = {**(row.get("metadata") or {}), "sent_request_id": sent}
+        elif rid in existing or rid in taken:
             if existing.get(rid) == row["timestamp"]:
                 outcome.duplicates += 1  # the same request, replayed
                 continue
@@ -215,13 +239,29 @@ def _write_responses(
                     "now": op["response"]["timestamp"],
                 }
             )
-        if op.get("request_update"):
-            _apply_request_update(conn, request.id, op["request_update"])
+        request_update = dict(op.get("request_update") or {})
+        sent = op.get("sent_request_id")
+        if sent is not None and sent != request.request_id:
+            # The request was stored in an earlier batch, before the app set its own id.
+            request_update.update(_take_sent_id(conn, request.request_id, sent, request_update))
+        if request_update:
+            _apply_request_update(conn, request.id, request_update)
     if rows:
         _executemany(conn, insert(responses_table), rows)
     if session_updates:
         _update_sessions_after_response(conn, session_updates)
     outcome.written += len(rows)
+
+
+def _take_sent_id(
+    conn: Connection, assigned: str, sent: str, request_update: dict[str, Any]
+) -> dict[str, Any]:
+    metadata = dict(request_update.get("metadata") or {})
+    if conn.execute(select(requests_table.c.id).where(requests_table.c.request_id == sent)).first() is None:
+        metadata["assigned_request_id"] = assigned
+        return {"request_id": sent, "metadata": metadata}
+    metadata["sent_request_id"] = sent  # another request holds that id already
+    return {"metadata": metadata}
 
 
 def _apply_request_update(conn: Connection, request_id: int, update_values: dict[str, Any]) -> None:

@@ -35,10 +35,12 @@ class SpillFile:
             return 0
         with self._lock:
             if self._file is None:
-                self.directory.mkdir(parents=True, exist_ok=True)
+                # Owner-only: the records hold whole conversations.
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                 name = f"spill-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{id(self):x}.jsonl"
                 self.path = self.directory / name
-                self._file = self.path.open("a", encoding="utf-8")
+                descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                self._file = os.fdopen(descriptor, "a", encoding="utf-8")
                 log.warning(
                     "qwen_persist: spilling records to %s (replay with: qwen-persist replay FILE)", self.path
                 )

@@ -12,7 +12,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import json
 import logging
 import queue
 import threading
@@ -26,7 +25,16 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .config import Settings
 from .gil import yield_gil
-from .records import CapturedRequest, CapturedResponse, RequestFacts, StreamHandoff, request_op, response_op
+from .records import (
+    CapturedRequest,
+    CapturedResponse,
+    RequestFacts,
+    StreamHandoff,
+    fallback_op,
+    request_op,
+    response_op,
+)
+from .redaction import Redaction
 from .repository import Op, write_ops
 from .spill import SpillFile
 
@@ -87,6 +95,8 @@ class Writer:
         self._accepted = self._written = self._spilled = self._failed = 0
         self._duplicates = self._retries = 0
         self._upgraded = not settings.auto_upgrade
+        self._redaction = Redaction(settings.redact_fields, settings.redact)
+        self._limit = settings.max_body_bytes
 
     # -- the request path ------------------------------------------------------------------------
 
@@ -134,11 +144,14 @@ class Writer:
             if not self._atexit_registered:
                 # The thread is a daemon so it never blocks interpreter exit; this flush is what
                 # saves the queue when the host app has no lifespan shutdown.
-                atexit.register(self.close, 10.0)
+                atexit.register(self.close)
                 self._atexit_registered = True
 
-    def close(self, timeout: float = 30.0) -> WriterStats:
-        """Store everything queued, then stop. After ``timeout`` seconds, spill what is left."""
+    def close(self, timeout: float | None = None) -> WriterStats:
+        """Store everything queued, then stop. After ``timeout`` seconds (default: the
+        ``shutdown_timeout`` option), spill what is left."""
+        if timeout is None:
+            timeout = self.settings.shutdown_timeout
         thread = self._thread
         if thread is not None and thread.is_alive():
             deadline = time.monotonic() + timeout
@@ -157,6 +170,7 @@ class Writer:
                 thread.join()
         self._thread = None
         self._spill.close()
+        self._release_database()
         stats = self.stats()
         log.info(
             "qwen_persist writer stopped: accepted=%d written=%d spilled=%d failed=%d duplicates=%d",
@@ -168,7 +182,20 @@ class Writer:
         )
         return stats
 
-    async def aclose(self, timeout: float = 30.0) -> WriterStats:
+    def _release_database(self) -> None:
+        """Close the pool's connections. On SQLite, first fold the write-ahead log into the database
+        file, so that a copy of the ``.db`` file alone (a backup, a volume snapshot) holds every row."""
+        if self.engine.dialect.name == "sqlite":
+            try:
+                with self.engine.connect() as conn:
+                    # Short: a shutdown must not wait out another process's long transaction.
+                    conn.exec_driver_sql("PRAGMA busy_timeout=500")
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            except SQLAlchemyError as exc:
+                log.warning("qwen_persist: could not checkpoint the SQLite WAL at shutdown: %s", _short(exc))
+        self.engine.dispose()
+
+    async def aclose(self, timeout: float | None = None) -> WriterStats:
         return await asyncio.to_thread(self.close, timeout)
 
     def stats(self) -> WriterStats:
@@ -227,18 +254,23 @@ class Writer:
             try:
                 if isinstance(record, CapturedRequest):
                     op, facts = request_op(
-                        record, ttl_ms=self.settings.session_ttl_ms, redact=self.settings.redact
+                        record,
+                        ttl_ms=self.settings.session_ttl_ms,
+                        redaction=self._redaction,
+                        limit=self._limit,
                     )
                     self._requests[record.request_id] = facts
                 else:
                     record.request = self._requests.pop(record.request_id, None)
-                    op = response_op(record, redact=self.settings.redact)
-                ops.append(_json_ready(op))
-            except Exception:
-                # A redaction hook or a report that cannot be serialized: count it, say so, move on.
-                log.exception("qwen_persist: could not prepare record %s", record.request_id)
-                with self._counter_lock:
-                    self._failed += 1
+                    op = response_op(record, redaction=self._redaction, limit=self._limit)
+            except Exception as exc:
+                # A redaction hook that raised, or input no rule foresaw: the record is still stored,
+                # with its content withheld (the hook never saw it) and the reason in its error.
+                log.exception(
+                    "qwen_persist: could not prepare record %s; stored without content", record.request_id
+                )
+                op = fallback_op(record, exc, ttl_ms=self.settings.session_ttl_ms)
+            ops.append(op)
         return ops
 
     def _write(self, ops: list[Op]) -> None:
@@ -318,13 +350,6 @@ class Writer:
                 return
             self._spill_logged[reason] = now
         log.warning("qwen_persist: records spilled (%s); %d spilled in all so far", reason, self._spilled)
-
-
-def _json_ready(op: Op) -> Op:
-    """Make app-reported values (provider payloads, metadata) plain JSON before they are stored."""
-    if "request_update" in op or op.get("response", {}).get("qwen_response") is not None:
-        return json.loads(json.dumps(op, default=str))  # type: ignore[no-any-return]
-    return op
 
 
 def _short(exc: BaseException) -> str:

@@ -3,6 +3,7 @@ upstream; then the stored rows are compared with what the client received. SQLit
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import openai_proxy
 import pytest
 from support import serve, stored_exchanges, stored_sessions
 
-from qwen_persist.bodies import RAW_MARKER
+from qwen_persist.bodies import NUL_MARKER, RAW_MARKER, restore_nul
 from qwen_persist.migrate import upgrade
 
 USER = [{"role": "user", "content": "hello there"}]
@@ -269,19 +270,27 @@ def test_bodies_that_are_not_json_reach_the_app_and_are_recorded(
     # The fake upstream answers 400 to what it cannot parse and 200 to the big body: it got them whole.
     assert [r.status_code for r in statuses] == [400, 400, 200, 200, 400]
     stored = stored_exchanges(migrated_url)
-    reasons = [req.openai_request["reason"] for req, _ in stored]
-    assert reasons == ["not_json", "not_utf8", "too_large", "nul_character", "not_json"]
     first, second, third, fourth, fifth = (req.openai_request for req, _ in stored)
-    # NUL characters cannot live in PostgreSQL text: the escaped JSON text, or base64 of raw bytes.
-    assert fourth["text"] == with_nul.decode() and fifth["encoding"] == "base64"
+    assert [first["reason"], second["reason"], third["reason"], fifth["reason"]] == [
+        "not_json",
+        "not_utf8",
+        "too_large",
+        "not_json",
+    ]
     assert first[RAW_MARKER] is True and first["text"] == "{not json" and first["encoding"] == "utf-8"
     assert second["encoding"] == "base64" and second["truncated"] is False
     assert third["truncated"] is True and third["size"] == len(oversized) and len(third["text"]) == 4096
-    assert [req.metadata_["capture_problem"] for req, _ in stored] == [
+    # Raw bytes with NUL cannot be text on PostgreSQL: base64.
+    assert fifth["encoding"] == "base64" and base64.b64decode(fifth["text"]) == b"nul\x00byte"
+    # JSON holding an escaped NUL is stored parsed, with the reversible escape (bodies.py).
+    assert fourth[NUL_MARKER] is True and fourth["messages"][0]["content"] == "a\u24000b"
+    assert restore_nul(fourth) == json.loads(with_nul)
+    assert stored[3][0].model == "fake-text" and stored[3][0].metadata_ is None
+    assert [req.metadata_ and req.metadata_["capture_problem"] for req, _ in stored] == [
         "body_not_json",
         "body_not_utf8",
         "body_too_large",
-        "body_has_nul_character",
+        None,
         "body_not_json",
     ]
     # The response row says why too: its error names the request problem first.
@@ -290,7 +299,7 @@ def test_bodies_that_are_not_json_reach_the_app_and_are_recorded(
         "request_body_not_json",
         "request_body_not_utf8",
         "request_body_too_large",
-        "request_body_has_nul_character",
+        None,
         "request_body_not_json",
     ]
 
@@ -326,10 +335,13 @@ def test_secrets_never_reach_the_database(upstream_url: str, migrated_url: str, 
 def test_redaction_hook_transforms_or_drops_content(
     upstream_url: str, migrated_url: str, tmp_path: Path
 ) -> None:
-    def redact(body: Any, kind: str) -> Any:
+    def redact(value: Any, kind: str) -> Any:
         if kind == "response":
             return None
-        return {**body, "messages": [{**m, "content": "[redacted]"} for m in body["messages"]]}
+        if kind == "request":
+            return {**value, "messages": [{**m, "content": "[redacted]"} for m in value["messages"]]}
+        assert kind == "first_user_message", kind
+        return value.replace("password", "[pw]")
 
     with serve(proxy_app(upstream_url, migrated_url, tmp_path, redact=redact)) as base:
         client = client_for(base)
@@ -340,6 +352,7 @@ def test_redaction_hook_transforms_or_drops_content(
     assert request.openai_request["messages"] == [{"role": "user", "content": "[redacted]"}]
     assert response is not None and response.openai_response == {"$qwen_persist_redacted": True}
     assert "password" not in repr(vars(request)) + repr(vars(response))
+    assert stored_sessions(migrated_url)[request.session_id].first_user_message == "my [pw]"
     # Usage and finish_reason still come from the real response.
     assert response.finish_reason == "stop" and response.total_tokens
 

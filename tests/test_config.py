@@ -20,6 +20,7 @@ from support import stored_exchanges
 from qwen_persist import ConfigurationError, PersistenceMiddleware
 from qwen_persist.config import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_PATHS,
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_QUEUE_SIZE,
@@ -136,7 +137,7 @@ ENV_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
         {},
         {
             "database_url": "sqlite:///qwen_persist.db",
-            "paths": frozenset({"/v1/chat/completions"}),
+            "paths": frozenset(DEFAULT_PATHS),
             "session_header": "x-session-id",
             "session_ttl": DEFAULT_SESSION_TTL,
             "max_body_bytes": DEFAULT_MAX_BODY_BYTES,

@@ -190,8 +190,11 @@ def test_schema_missing_during_traffic_then_records_land(
 async def test_unreachable_database_spills_and_replay_restores(
     database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    gone = tmp_path / "gone"
     if database_url.startswith("sqlite"):
-        down_url = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}"
+        # The directory exists when the middleware checks its options and vanishes before any write.
+        gone.mkdir()
+        down_url = f"sqlite:///{gone / 'dir.db'}"
     else:
         with socket.socket() as sock:  # a port where nothing listens
             sock.bind(("127.0.0.1", 0))
@@ -205,6 +208,8 @@ async def test_unreachable_database_spills_and_replay_restores(
 
     # A queue of 4 fills at once while the writer waits for the database: the rest spills right away.
     middleware = PersistenceMiddleware(proxy, database_url=down_url, spill_dir=str(spill_dir), queue_size=4)
+    if gone.exists():
+        gone.rmdir()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(middleware), base_url="http://t") as client:
         bodies = [
             {**BODY, "stream": i % 2 == 1, "messages": [{"role": "user", "content": f"q{i}"}]}

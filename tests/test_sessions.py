@@ -487,7 +487,7 @@ def exchange_ops(
         session_header=session_id,
         key_fingerprint=None,
     )
-    op, facts = request_op(request, ttl_ms=ttl_ms, redact=None)
+    op, facts = request_op(request, ttl_ms=ttl_ms)
     response = CapturedResponse(
         request_id=request_id,
         status_code=200,
@@ -502,7 +502,7 @@ def exchange_ops(
     )
     if parent_id is not None:
         response.reports = Reports(parent_id=parent_id)
-    return op, response_op(response, redact=None)
+    return op, response_op(response)
 
 
 def store(engine: Engine, ops: list[Op]) -> None:
