@@ -20,9 +20,9 @@ from support import stored_exchanges
 from qwen_persist import ConfigurationError, PersistenceMiddleware
 from qwen_persist.config import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_PATHS,
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_PATHS,
     DEFAULT_QUEUE_SIZE,
     DEFAULT_SESSION_TTL,
     build_settings,
