@@ -5,11 +5,12 @@ Wrap a proxy app with `PersistenceMiddleware`, run the migrations (`qwen-persist
 ``responses`` tables.
 """
 
+from .bodies import restore_nul
 from .completion import ChatCompletionAccumulator, StreamReconstructor, StreamResult, reconstruct_stream
 from .config import ConfigurationError, Settings
 from .engine import make_engine
 from .exchange import Exchange, current_exchange
-from .middleware import PersistenceMiddleware
+from .middleware import PersistenceMiddleware, middleware_of
 from .models import metadata
 from .sessions import SessionInfo, SessionManager
 from .sse import ServerSentEvent, SSEDecoder
@@ -31,7 +32,9 @@ __all__ = [
     "current_exchange",
     "make_engine",
     "metadata",
+    "middleware_of",
     "reconstruct_stream",
+    "restore_nul",
 ]
 
 __version__ = "0.1.0"

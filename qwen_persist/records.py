@@ -27,7 +27,7 @@ from .bodies import (
 )
 from .completion import StreamReconstructor, StreamResult, reconstruct_stream
 from .config import DEFAULT_MAX_BODY_BYTES
-from .encodings import ContentDecoder, ContentDecodingError, decode_content
+from .encodings import ContentDecoder, ContentDecodingError
 from .gil import yield_gil
 from .redaction import DEFAULT_REDACT_FIELDS, REDACTED_DOCUMENT, Redaction
 from .repository import Op
@@ -228,25 +228,24 @@ def response_op(
     upstream_id: str | None = None
     body: Any = None
     data = record.body
-    truncated = record.body_truncated
-    if record.codings and record.stream is None and data:
-        try:
-            data, overflow = decode_content(data, record.codings, limit=limit)
-            truncated = truncated or overflow
-        except ContentDecodingError:
-            body = raw_body(data, reason="encoding_invalid", truncated=truncated, size=record.body_size)
-            errors.append("response_body_encoding_invalid")
+    handoff = record.stream
     # An upstream that labels everything text/event-stream still answers errors (a 429) in plain JSON;
     # an SSE stream never starts with a bracket, so such a body is read as the JSON it is.
-    streamed = record.streamed and not (record.stream is None and data.lstrip()[:1] in (b"{", b"["))
-    if body is not None:
-        pass  # the raw body of an encoding that could not be undone
-    elif streamed:
-        body, usage, finish_reason, upstream_id = _stream_body(record, data, truncated, errors)
-    elif not data:
-        body = None
-    else:
-        body, problem = decode_json_body(data, truncated=truncated, size=record.body_size)
+    streamed = record.streamed and (handoff is not None or not _starts_json(data, record.codings))
+    if streamed:
+        if handoff is None and record.codings:
+            # Decoded while it is rebuilt: an encoded stream is never held decoded in memory.
+            handoff = StreamHandoff(record.codings)
+            handoff.add(data)
+        body, usage, finish_reason, upstream_id = _stream_body(record, handoff, errors)
+    elif data:
+        body, problem = decode_json_body(
+            data,
+            truncated=record.body_truncated,
+            size=record.body_size,
+            codings=record.codings,
+            limit=limit,
+        )
         if problem:
             errors.append("response_" + problem)
         if isinstance(body, dict):
@@ -307,34 +306,43 @@ def response_op(
     return op
 
 
+def _starts_json(data: bytes, codings: list[str] | None) -> bool:
+    if codings:
+        try:
+            data = next(iter(ContentDecoder(codings).feed(data[:4096])), b"")
+        except ContentDecodingError:
+            return False
+    return data.lstrip()[:1] in (b"{", b"[")
+
+
 def _stream_body(
-    record: CapturedResponse, data: bytes, truncated: bool, errors: list[str]
+    record: CapturedResponse, handoff: StreamHandoff | None, errors: list[str]
 ) -> tuple[Any, Mapping[str, Any] | None, str | None, str | None]:
     """The rebuilt completion of a streamed response (or the raw stream when it cannot be rebuilt),
     with its usage, finish_reason and upstream id; problems are added to ``errors``."""
-    handoff = record.stream
+    data = record.body
+    kept = record.stream is None  # a stream over max_body_bytes was rebuilt as it passed, not kept
     result = handoff.finish() if handoff is not None else reconstruct_stream([data])
     problem = (handoff.problem if handoff is not None else None) or getattr(result, "problem", None)
     body: Any = result.completion
-    if body is not None and too_deep(body, hint=None if handoff is not None else data):
+    plain = handoff is None  # the bytes in `data` are the stream's own text
+    if body is not None and too_deep(body, hint=data if plain else None):
         problem = problem or f"response_stream_too_deep: a chunk nests more than {MAX_DEPTH} levels"
     if problem is not None:
         errors.append(problem)
-        if handoff is not None:
-            # Too large to have been kept: what was rebuilt before the problem, if it can be stored.
+        if not kept:
+            # What was rebuilt before the problem, if it can be stored.
             return (None if body is None or too_deep(body) else escape_nul(body)), None, None, None
-        return (
-            raw_body(data, reason="stream_unprocessable", truncated=truncated, size=record.body_size),
-            None,
-            None,
-            None,
+        raw = raw_body(
+            data, reason="stream_unprocessable", truncated=record.body_truncated, size=record.body_size
         )
-    if body is not None and (handoff is not None or b"\\u0000" in data):
+        return raw, None, None, None
+    if body is not None and (not plain or b"\\u0000" in data):
         body = escape_nul(body)
     if result.error is not None:
         body = {**(body or {}), "error": result.error} if body else {"error": result.error}
         errors.append(_error_message(result.error))
-    if truncated and handoff is None:
+    if record.body_truncated and kept:
         errors.append("response_body_too_large")
     elif not result.complete and record.error is None and result.error is None:
         errors.append("truncated")

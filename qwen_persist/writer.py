@@ -95,6 +95,7 @@ class Writer:
         self._accepted = self._written = self._spilled = self._failed = 0
         self._duplicates = self._retries = 0
         self._upgraded = not settings.auto_upgrade
+        self._released = False  # the engine's connections closed by close(), until the next start
         self._redaction = Redaction(settings.redact_fields, settings.redact)
         self._limit = settings.max_body_bytes
 
@@ -139,6 +140,7 @@ class Writer:
             if self._thread is not None and self._thread.is_alive():
                 return
             self._abandon.clear()
+            self._released = False
             self._thread = threading.Thread(target=self._run, name="qwen-persist-writer", daemon=True)
             self._thread.start()
             if not self._atexit_registered:
@@ -170,7 +172,8 @@ class Writer:
                 thread.join()
         self._thread = None
         self._spill.close()
-        self._release_database()
+        if not self._released:
+            self._release_database()
         stats = self.stats()
         log.info(
             "qwen_persist writer stopped: accepted=%d written=%d spilled=%d failed=%d duplicates=%d",
@@ -194,6 +197,7 @@ class Writer:
             except SQLAlchemyError as exc:
                 log.warning("qwen_persist: could not checkpoint the SQLite WAL at shutdown: %s", _short(exc))
         self.engine.dispose()
+        self._released = True
 
     async def aclose(self, timeout: float | None = None) -> WriterStats:
         return await asyncio.to_thread(self.close, timeout)

@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a thread on a free 127.0.0.1 port; yield its base URL.
+def serve(app: Any, **config: Any) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread on a free 127.0.0.1 port; yield its base URL. ``config``
+    goes to ``uvicorn.Config`` (``root_path=...``, say).
 
     Leaving the block runs the app's lifespan shutdown, which is where the middleware flushes.
     """
@@ -35,7 +36,9 @@ def serve(app: Any) -> Iterator[str]:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="auto"))
+    config.setdefault("log_level", "warning")
+    config.setdefault("lifespan", "auto")
+    server = uvicorn.Server(uvicorn.Config(app, **config))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     try:
