@@ -75,7 +75,8 @@ class Redaction:
         except Exception:
             _hook_failed(kind)
             return REDACTED_VALUE
-        return result
+        # An error withheld must still read as an error (and a first message as withheld, not empty).
+        return REDACTED_VALUE if result is None else result
 
 
 def _hook_failed(kind: str) -> None:

@@ -24,12 +24,16 @@ from qwen_persist.config import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_PATHS,
     DEFAULT_QUEUE_SIZE,
+    DEFAULT_RESPONSE_HEADERS,
     DEFAULT_SESSION_TTL,
+    DEFAULT_SHUTDOWN_TIMEOUT,
     build_settings,
 )
 from qwen_persist.engine import make_engine
 from qwen_persist.migrate import upgrade
 from qwen_persist.models import requests_table, responses_table, sessions_table
+from qwen_persist.paths import PathMatcher, route_path
+from qwen_persist.redaction import DEFAULT_REDACT_FIELDS
 
 
 async def noop_app(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover - never called
@@ -92,6 +96,20 @@ def test_configuration_error_is_a_value_error() -> None:
         ({"database_url": "garbage"}, "garbage"),
         ({"database_url": ""}, "database_url"),
         ({"database_url": "nosuchdb://host/db"}, "nosuchdb"),
+        ({"database_url": "sqlite://"}, "in-memory"),
+        ({"database_url": "sqlite:///:memory:"}, "in-memory"),
+        ({"database_url": "sqlite:///file::memory:?cache=shared&uri=true"}, "in-memory"),
+        ({"database_url": "sqlite:///no/such/dir/x.db"}, "does not exist"),
+        ({"paths": ["/openai/deployments/{bad-name}/chat/completions"]}, "parameter"),
+        ({"paths": ["/v1/{unclosed"]}, "parameter"),
+        ({"response_headers": ["authorization"]}, "credentials"),
+        ({"response_headers": ["Set-Cookie", "x-ok"]}, "credentials"),
+        ({"response_headers": ["bad header"]}, "header name"),
+        ({"response_headers": "x-request-id"}, "single string"),
+        ({"redact_fields": "api_key"}, "single string"),
+        ({"redact_fields": [1]}, "redact_fields"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout"),
+        ({"shutdown_timeout": "soon"}, "shutdown_timeout"),
     ],
 )
 def test_invalid_options_fail_at_construction(tmp_path: Path, options: dict[str, Any], message: str) -> None:
@@ -145,6 +163,9 @@ ENV_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
             "batch_size": DEFAULT_BATCH_SIZE,
             "flush_interval": DEFAULT_FLUSH_INTERVAL,
             "auto_upgrade": False,
+            "redact_fields": frozenset(DEFAULT_REDACT_FIELDS),
+            "response_headers": frozenset(DEFAULT_RESPONSE_HEADERS),
+            "shutdown_timeout": DEFAULT_SHUTDOWN_TIMEOUT,
         },
     ),
     ({"QWEN_PERSIST_DATABASE_URL": "sqlite:///from-env.db"}, {"database_url": "sqlite:///from-env.db"}),
@@ -158,6 +179,9 @@ ENV_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
     ({"QWEN_PERSIST_FLUSH_INTERVAL": "0.25"}, {"flush_interval": 0.25}),
     ({"QWEN_PERSIST_PATHS": "/a, /b ,,/c"}, {"paths": frozenset({"/a", "/b", "/c"})}),
     ({"QWEN_PERSIST_PATHS": "/only"}, {"paths": frozenset({"/only"})}),
+    ({"QWEN_PERSIST_REDACT_FIELDS": "a, b"}, {"redact_fields": frozenset({"a", "b"})}),
+    ({"QWEN_PERSIST_RESPONSE_HEADERS": "X-A"}, {"response_headers": frozenset({"x-a"})}),
+    ({"QWEN_PERSIST_SHUTDOWN_TIMEOUT": "2.5"}, {"shutdown_timeout": 2.5}),
     ({"QWEN_PERSIST_SESSION_HEADER": "X-Conv"}, {"session_header": "x-conv"}),
     ({"QWEN_PERSIST_SPILL_DIR": "/tmp/spill-here"}, {"spill_dir": Path("/tmp/spill-here")}),
     *(
@@ -190,6 +214,9 @@ def test_environment_defaults(environ: dict[str, str], expected: dict[str, Any])
         ({"QWEN_PERSIST_PATHS": " , "}, "paths"),
         ({"QWEN_PERSIST_SESSION_HEADER": "bad header"}, "session_header"),
         ({"QWEN_PERSIST_DATABASE_URL": "not a url"}, "not a url"),
+        ({"QWEN_PERSIST_DATABASE_URL": "sqlite://"}, "in-memory"),
+        ({"QWEN_PERSIST_RESPONSE_HEADERS": "x-a,cookie"}, "credentials"),
+        ({"QWEN_PERSIST_SHUTDOWN_TIMEOUT": "-2"}, "QWEN_PERSIST_SHUTDOWN_TIMEOUT"),
     ],
 )
 def test_bad_environment_values_name_the_variable(environ: dict[str, str], message: str) -> None:
@@ -393,3 +420,18 @@ def test_configured_paths_are_captured_and_the_default_is_not(database_url: str,
     [(request, response)] = stored_exchanges(database_url)
     assert (request.path, request.request_id) == ("/custom", custom.headers["x-request-id"])
     assert response is not None and response.status_code == 200
+
+
+def test_path_matching() -> None:
+    match = PathMatcher(["/v1/chat/completions", "/openai/deployments/{deployment}/chat/completions", "/x/"])
+    assert match("/v1/chat/completions") and match("/v1/chat/completions/") and match("/x")
+    assert match("/openai/deployments/gpt-4o/chat/completions")
+    assert not match("/openai/deployments/a/b/chat/completions") and not match(
+        "/openai/deployments//chat/completions"
+    )
+    assert not match("/v1/chat/completions/extra") and not match("/v1/chat") and not match("/")
+    assert not PathMatcher(["/a.b"])("/aXb")  # pattern text is literal, not a regular expression
+    assert route_path({"path": "/api/v1/chat/completions", "root_path": "/api"}) == "/v1/chat/completions"
+    assert route_path({"path": "/v1/chat/completions", "root_path": "/api"}) == "/v1/chat/completions"
+    assert route_path({"path": "/apiv1/chat/completions", "root_path": "/api"}) == "/apiv1/chat/completions"
+    assert route_path({"path": "/api", "root_path": "/api"}) == "/"
