@@ -45,7 +45,13 @@ class Exchange:
         record = self._record
         if record.session_id is not None:
             return record.session_id
-        body, _ = decode_json_body(record.body, truncated=record.body_truncated, size=record.body_size)
+        body, _ = decode_json_body(
+            record.body,
+            truncated=record.body_truncated,
+            size=record.body_size,
+            codings=record.codings,
+            limit=self._middleware.settings.max_body_bytes,
+        )
         session_id = resolve_session_id(
             body,
             header_value=record.session_header,

@@ -183,6 +183,9 @@ def test_encoded_request_bodies_and_streams(migrated_url: str, tmp_path: Path) -
         request = Request(scope, receive)
         sent = json.loads(gzip.decompress(await request.body()))
         assert sent["model"] == "m"
+        exchange = current_exchange(scope)
+        assert exchange is not None
+        sessions.append(exchange.session_id)  # what the app sees is what is stored
         compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
         await send(
             {
@@ -197,6 +200,7 @@ def test_encoded_request_bodies_and_streams(migrated_url: str, tmp_path: Path) -
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         await send({"type": "http.response.body", "body": compressor.flush(), "more_body": False})
 
+    sessions: list[str] = []
     body = gzip.compress(json.dumps({**BODY, "stream": True}).encode())
     # The stream is over max_body_bytes (compressed), so it is rebuilt as it passes, through the decoder.
     for limit in (1 << 20, 1024):
@@ -208,8 +212,9 @@ def test_encoded_request_bodies_and_streams(migrated_url: str, tmp_path: Path) -
                 headers={"content-encoding": "gzip", "content-type": "application/json"},
             )
         assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
-    for request, row in stored_exchanges(migrated_url):
+    for (request, row), session_id in zip(stored_exchanges(migrated_url), sessions, strict=True):
         assert request.openai_request == {**BODY, "stream": True} and request.model == "m" and request.stream
+        assert request.session_id == session_id and not session_id.startswith("request-")
         assert row is not None and row.error is None and row.finish_reason == "stop"
         assert row.openai_response["choices"][0]["message"]["content"] == "".join(
             f"part{i} " for i in range(60)
@@ -551,3 +556,80 @@ def test_allow_listed_response_headers_are_stored(migrated_url: str, tmp_path: P
     with serve(app) as base, httpx.Client() as http:
         http.post(f"{base}/v1/chat/completions", json=BODY)
     assert stored_exchanges(migrated_url)[1][1].headers == {"x-other": "not listed"}  # type: ignore[union-attr]
+
+
+# -- 3, 5. Streams that end oddly, and pathological nesting ----------------------------------------
+
+
+def sse_app(events: list[Any], *, pad: int = 0) -> Callable[[Scope, Receive, Send], Any]:
+    """An app that streams ``events`` (dicts as JSON, strings as they are), each padded by an SSE comment
+    of ``pad`` bytes."""
+    payload = b"".join(
+        (b": " + b"p" * pad + b"\n" if pad else b"")
+        + f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n".encode()
+        for event in events
+    )
+    return answering(payload, headers=[(b"content-type", b"text/event-stream")])
+
+
+def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": choices,
+        **extra,
+    }
+
+
+def test_n2_stream_with_one_finish_reason_is_complete(migrated_url: str, tmp_path: Path) -> None:
+    # LiteLLM sends finish_reason for one choice only; [DONE] still ends the stream properly.
+    events = [
+        chunk([{"index": 0, "delta": {"role": "assistant", "content": "a"}, "finish_reason": None}]),
+        chunk([{"index": 1, "delta": {"role": "assistant", "content": "b"}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+        "[DONE]",
+    ]
+    with serve(recorded(sse_app(events), migrated_url, tmp_path)) as base:
+        list(client_for(base).chat.completions.create(model="m", messages=USER, stream=True, n=2))
+    [(_, row)] = stored_exchanges(migrated_url)
+    assert row is not None and row.error is None and row.finish_reason == "stop"
+    assert [c["message"]["content"] for c in row.openai_response["choices"]] == ["a", "b"]
+
+
+def nested(depth: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(depth):
+        value = {"x": value}
+    return value
+
+
+@pytest.mark.parametrize("limit", [1 << 20, 4096])
+def test_deeply_nested_chunks_are_kept_raw_and_harm_nothing(
+    limit: int, migrated_url: str, tmp_path: Path
+) -> None:
+    events = [
+        chunk([{"index": 0, "delta": {"role": "assistant", "content": "fine"}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {"content": "!", "extra": nested(600)}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+        "[DONE]",
+    ]
+    app = recorded(sse_app(events, pad=3000), migrated_url, tmp_path, max_body_bytes=limit)
+    with serve(app) as base, httpx.Client() as http:
+        streamed = http.post(f"{base}/v1/chat/completions", json={**BODY, "stream": True})
+        deep_json = http.post(f"{base}/v1/chat/completions", content=json.dumps({**BODY, "x": nested(250)}))
+        after = client_for(base).chat.completions.create(model="m", messages=USER, stream=True)
+        list(after)  # the writer is still alive and the next exchange is stored
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+    assert deep_json.status_code == 200
+    (_, stream_row), (deep_request, _), (_, next_row) = stored_exchanges(migrated_url)
+    assert stream_row is not None and stream_row.error is not None
+    assert "too_deep" in stream_row.error or "unprocessable" in stream_row.error
+    if limit > len(streamed.content):
+        assert stream_row.openai_response[RAW_MARKER] is True
+        assert stream_row.openai_response["text"] == streamed.text  # kept faithfully
+    assert deep_request.openai_request["reason"] == "too_deep" and deep_request.metadata_ == {
+        "capture_problem": "body_too_deep"
+    }
+    assert next_row is not None and next_row.finish_reason == "stop"
