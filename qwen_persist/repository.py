@@ -91,7 +91,8 @@ def _merge_sessions(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("chat_id", "parent_id"):
             if row[key] is not None:
                 seen[key] = row[key]
-    return list(merged.values())
+    # Always in id order: two writers that lock the same sessions in the same order cannot deadlock.
+    return [merged[key] for key in sorted(merged)]
 
 
 def _fold_answer(session: dict[str, Any], answer: Op) -> dict[str, Any]:
@@ -249,6 +250,7 @@ def _write_responses(
     if rows:
         _executemany(conn, insert(responses_table), rows)
     if session_updates:
+        session_updates.sort(key=lambda update: str(update["sid"]))  # lock order, as in upserts
         _update_sessions_after_response(conn, session_updates)
     outcome.written += len(rows)
 

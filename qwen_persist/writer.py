@@ -56,6 +56,7 @@ class WriterStats:
     duplicates: int  # records found already stored (replays)
     retries: int  # batch attempts that failed and were retried
     queue_depth: int
+    restarts: int = 0  # times the writer thread was found stopped and started again
 
 
 class _Barrier:
@@ -93,7 +94,7 @@ class Writer:
         self._renames: dict[str, str] = {}
         self._spill_logged: dict[str, float] = {}
         self._accepted = self._written = self._spilled = self._failed = 0
-        self._duplicates = self._retries = 0
+        self._duplicates = self._retries = self._restarts = 0
         self._upgraded = not settings.auto_upgrade
         self._released = False  # the engine's connections closed by close(), until the next start
         self._redaction = Redaction(settings.redact_fields, settings.redact)
@@ -103,8 +104,9 @@ class Writer:
 
     def submit(self, record: Record) -> None:
         """Hand a record over without blocking; spill it if the queue is full."""
-        if self._thread is None:
-            self.start()
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            self._restart(thread)
         self._accepted += 1  # only the event loop thread submits
         try:
             self._queue.put_nowait(record)
@@ -134,6 +136,15 @@ class Writer:
         return True
 
     # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _restart(self, dead: threading.Thread | None) -> None:
+        if dead is not None:
+            # Not expected (every error is caught per batch), but a writer that stopped must never
+            # stay stopped: the next record starts it again.
+            log.error("qwen_persist: the writer thread had stopped; starting it again")
+            with self._counter_lock:
+                self._restarts += 1
+        self.start()
 
     def start(self) -> None:
         with self._start_lock:
@@ -211,6 +222,7 @@ class Writer:
             duplicates=self._duplicates,
             retries=self._retries,
             queue_depth=self._queue.qsize(),
+            restarts=self._restarts,
         )
 
     # -- the writer thread -----------------------------------------------------------------------
@@ -236,20 +248,29 @@ class Writer:
                 except queue.Empty:
                     break
             stopping = any(item is _STOP for item in items)
-            records: list[Record] = []
+            try:
+                self._handle(items)
+            finally:
+                for item in items:
+                    # The app may have given up on its barrier (a cancelled wait): never complete a
+                    # cancelled future, which raises and would end this thread.
+                    if isinstance(item, _Barrier) and item.future.set_running_or_notify_cancel():
+                        item.future.set_result(None)
+
+    def _handle(self, items: list[Any]) -> None:
+        records: list[Record] = []
+        ops: list[Op] = []
+        try:
             for item in items:
                 if isinstance(item, StreamHandoff):
                     item.drain()
                 elif isinstance(item, CapturedRequest | CapturedResponse):
                     records.append(item)
-            try:
-                self._write(self._to_ops(records))
-            except Exception:  # never let the thread die: a dead writer would lose everything after
-                log.exception("qwen_persist writer: unexpected error; records spilled")
-                self._spill_ops(self._to_ops(records), reason="writer error")
-            for item in items:
-                if isinstance(item, _Barrier):
-                    item.future.set_result(None)
+            ops = self._to_ops(records)
+            self._write(ops)
+        except Exception:  # never let the thread die: a dead writer would lose everything after
+            log.exception("qwen_persist writer: unexpected error; records spilled")
+            self._spill_ops(ops or self._to_ops(records), reason="writer error")
 
     def _to_ops(self, records: list[Record]) -> list[Op]:
         ops: list[Op] = []

@@ -1,0 +1,150 @@
+"""The writer cannot die and concurrent writers cannot deadlock (issue #9's first findings), on SQLite and
+PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from support import serve, stored_exchanges
+
+from qwen_persist import PersistenceMiddleware, current_exchange
+from qwen_persist.engine import make_engine
+from qwen_persist.migrate import upgrade
+from qwen_persist.records import CapturedRequest, request_op
+from qwen_persist.repository import write_ops
+from qwen_persist.sessions import now_ms
+
+ANSWER = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+}
+
+
+def impatient_app() -> Starlette:
+    """An app that asks for its session but will not wait for it (a wait_for timeout, as apps do)."""
+
+    async def endpoint(request: Request) -> Response:
+        await request.body()
+        exchange = current_exchange(request)
+        assert exchange is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(exchange.session(), timeout=0.0005)
+        return JSONResponse(ANSWER)
+
+    return Starlette(routes=[Route("/v1/chat/completions", endpoint, methods=["POST"])])
+
+
+def test_apps_that_cancel_their_session_wait_do_not_stop_the_writer(
+    database_url: str, tmp_path: Path
+) -> None:
+    upgrade(database_url)
+    middleware = PersistenceMiddleware(
+        impatient_app(), database_url=database_url, spill_dir=str(tmp_path / "spill"), flush_interval=0.02
+    )
+
+    async def one(client: httpx.AsyncClient, i: int) -> int:
+        body = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}
+        return (await client.post("/v1/chat/completions", json=body)).status_code
+
+    with serve(middleware) as base:
+
+        async def run() -> list[int]:
+            async with httpx.AsyncClient(base_url=base) as client:
+                return await asyncio.gather(*(one(client, i) for i in range(150)))
+
+        statuses = asyncio.run(run())
+    assert statuses == [200] * 150
+    rows = stored_exchanges(database_url)
+    assert len(rows) == 150 and all(response is not None for _, response in rows)
+    stats = middleware.stats()
+    assert (stats.written, stats.spilled, stats.failed, stats.restarts) == (300, 0, 0, 0)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_stopped_writer_thread_is_started_again(database_url: str, tmp_path: Path) -> None:
+    upgrade(database_url)
+    middleware = PersistenceMiddleware(
+        impatient_app(), database_url=database_url, spill_dir=str(tmp_path / "s")
+    )
+    writer = middleware.writer
+    original = writer._handle
+
+    def broken(items: list[Any]) -> None:
+        writer._handle = original  # type: ignore[method-assign]
+        raise SystemExit  # not an Exception: escapes the per-batch guard, as nothing else should
+
+    with serve(middleware) as base, httpx.Client(base_url=base) as client:
+        body = {"model": "m", "messages": [{"role": "user", "content": "first"}]}
+        writer._handle = broken  # type: ignore[method-assign]
+        client.post("/v1/chat/completions", json=body)
+        for n in range(5):
+            client.post(
+                "/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": f"n{n}"}]}
+            )
+    assert middleware.stats().restarts == 1
+    rows = stored_exchanges(database_url)
+    stored = [request.openai_request["messages"][0]["content"] for request, response in rows if response]
+    assert stored[-5:] == [f"n{n}" for n in range(5)]
+
+
+def test_concurrent_writers_do_not_deadlock_on_sessions(database_url: str) -> None:
+    # Two writers (two replicas) store batches touching the same sessions in opposite orders.
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    sessions = [f"shared-{i:02d}" for i in range(40)]
+    errors: list[BaseException] = []
+
+    def ops_for(order: list[str], tag: str, round_: int) -> list[dict[str, Any]]:
+        ops = []
+        for n, sid in enumerate(order):
+            record = CapturedRequest(
+                request_id=f"{tag}-{round_}-{n}",
+                arrived_ms=now_ms(),
+                method="POST",
+                path="/v1/chat/completions",
+                body=b'{"model":"m","messages":[{"role":"user","content":"hi"}]}',
+                body_size=0,
+                body_truncated=False,
+                session_header=sid,
+                key_fingerprint=None,
+            )
+            ops.append(request_op(record, ttl_ms=60_000)[0])
+        return ops
+
+    def writer(order: list[str], tag: str) -> None:
+        try:
+            for round_ in range(15):
+                with engine.begin() as conn:
+                    write_ops(conn, ops_for(order, tag, round_))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=writer, args=(sessions, "a")),
+        threading.Thread(target=writer, args=(list(reversed(sessions)), "b")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    engine.dispose()
+    assert errors == []
+    assert len(stored_exchanges(database_url)) == 2 * 15 * 40
+
+
+@pytest.fixture(autouse=True)
+def _quiet_writer_errors(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("CRITICAL", logger="qwen_persist")
