@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("qwen_persist")
 
 SCOPE_KEY = "qwen_persist.exchange"
+SESSION_TIMEOUT = 1.0  # seconds exchange.session() waits at most
 _UNSET: Any = object()
 
 
@@ -93,15 +95,25 @@ class Exchange:
         if metadata:
             reports.metadata.update(metadata)
 
-    async def session(self) -> SessionInfo | None:
+    async def session(self, timeout: float = SESSION_TIMEOUT) -> SessionInfo | None:
         """This request's session as stored, including what earlier exchanges reported (chat_id,
-        parent_id). Waits for the writer to store what came before, so a follow-up sees its parent."""
-        await self._middleware.writer.barrier()
+        parent_id). Waits for the writer to store what came before, so a follow-up sees its parent.
+
+        Answers within ``timeout`` seconds whatever the database does: while it is down, locked or
+        hung, the answer is None (the app proceeds as for a new conversation) and a warning is logged.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self._middleware.writer.barrier(timeout)
         try:
-            return await self._middleware.sessions.get(self.session_id)
+            return await asyncio.wait_for(
+                self._middleware.sessions.get(self.session_id), max(deadline - loop.time(), 0.001)
+            )
+        except asyncio.TimeoutError:
+            log.warning("qwen_persist: session %s not read within %.1fs", self.session_id, timeout)
         except Exception:
             log.exception("qwen_persist: could not read session %s", self.session_id)
-            return None
+        return None
 
 
 def current_exchange(request_or_scope: Any) -> Exchange | None:

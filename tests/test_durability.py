@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +150,33 @@ def test_concurrent_writers_do_not_deadlock_on_sessions(database_url: str) -> No
 @pytest.fixture(autouse=True)
 def _quiet_writer_errors(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("CRITICAL", logger="qwen_persist")
+
+
+def test_session_answers_within_its_bound_while_the_database_is_locked(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    upgrade(sqlite_url)
+    waits: list[float] = []
+
+    async def endpoint(request: Request) -> Response:
+        await request.body()
+        exchange = current_exchange(request)
+        assert exchange is not None
+        started = time.monotonic()
+        state = await exchange.session()
+        waits.append(time.monotonic() - started)
+        assert state is None  # unknown while the database cannot answer
+        return JSONResponse(ANSWER)
+
+    app = Starlette(routes=[Route("/v1/chat/completions", endpoint, methods=["POST"])])
+    middleware = PersistenceMiddleware(app, database_url=sqlite_url, spill_dir=str(tmp_path / "s"))
+    locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    with serve(middleware) as base, httpx.Client(base_url=base, timeout=30) as client:
+        locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock for seconds
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        locker.execute("COMMIT")
+    locker.close()
+    # The old bound was the database's: 10 s on a locked SQLite file. Now one second, plus scheduling.
+    assert len(waits) == 1 and waits[0] < 3.0
+    assert len(stored_exchanges(sqlite_url)) == 1  # and nothing was lost
