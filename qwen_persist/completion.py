@@ -33,6 +33,26 @@ phase's own ``finished`` only closes the reasoning). Thinking phases (``think``,
 summary paragraphs in ``extra.summary_thought.content``, of which only the new ones are appended. Usage is
 cumulative (last wins) and named ``input_tokens``/``output_tokens``. Deltas with ``role: "function"`` are
 the platform's own tool traffic (web search and the like), not the assistant's message, and are skipped.
+
+When a stream counts as truncated
+---------------------------------
+A stream *ended* (``StreamResult.done``) when it carried one of these end markers:
+
+* ``data: [DONE]``, OpenAI's terminator;
+* a usage chunk, the one ``stream_options.include_usage`` adds last: ``choices`` an empty list and ``usage``
+  an object. It ends the stream only while no chunk with a non-empty ``choices`` list follows it (a usage
+  chunk that more choices follow was not the last one);
+* a Qwen native frame with ``status: "finished"`` outside a thinking phase.
+
+``[DONE]`` and Qwen's ``finished`` say so explicitly, so they stay in force: chunks after them are still
+merged but do not reopen the stream.
+
+A stream is *complete* (``StreamResult.complete``) when it ended, was not cut mid-event (the SSE decoder's
+``unterminated``: bytes after the last blank line, known only to ``StreamReconstructor`` and
+``reconstruct_stream``) and carried no error (an ``error`` event, or a chunk with a non-null ``error``:
+``StreamResult.error`` then holds it, which says more than "truncated"). Every other stream is *truncated*.
+Finish reasons play no part: a server may send one for only some choices of an ``n > 1`` stream (LiteLLM
+does), and a stream that ended is not cut short for lacking one.
 """
 
 from __future__ import annotations
@@ -67,7 +87,11 @@ def _loads(data: str) -> Any:
 
 @dataclass(slots=True)
 class StreamResult:
-    """What a stream amounted to; see the module docstring for the merge rules."""
+    """What a stream amounted to; see the module docstring for the merge rules.
+
+    ``done``: the stream carried an end marker; ``complete``: it ended, was not cut mid-event and carried
+    no error (the module docstring has the exact rule; a stream that is not complete is truncated).
+    """
 
     completion: dict[str, Any] | None
     done: bool
@@ -359,7 +383,8 @@ class ChatCompletionAccumulator:
         self._usage: dict[str, Any] | None = None
         self._error: dict[str, Any] | None = None
         self._seen_chunk = False
-        self._done = False
+        self._done = False  # [DONE] or a Qwen native end: final
+        self._usage_end = False  # a usage chunk that no chunk with choices has followed yet
         self._chat_id: str | None = None
         self._parent_id: str | None = None
         self._response_id: str | None = None
@@ -386,6 +411,12 @@ class ChatCompletionAccumulator:
 
     def add_chunk(self, chunk: Mapping[str, Any]) -> None:
         """Merge one parsed chunk."""
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            if choices:
+                self._usage_end = False
+            elif isinstance(chunk.get("usage"), dict):
+                self._usage_end = True
         for key, value in chunk.items():
             if key == "choices":
                 self._seen_chunk = True
@@ -421,11 +452,11 @@ class ChatCompletionAccumulator:
             completion["choices"] = choices
             completion["usage"] = self._usage
             completion.setdefault("system_fingerprint", None)
-        finished = bool(choices) and all(choice["finish_reason"] for choice in choices)
+        done = self._done or self._usage_end
         return StreamResult(
             completion=completion,
-            done=self._done,
-            complete=self._done and finished and self._error is None,
+            done=done,
+            complete=done and self._error is None,
             finish_reason=choices[0]["finish_reason"] if choices else None,
             usage=self._usage,
             upstream_id=self._top.get("id"),
