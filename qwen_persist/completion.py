@@ -116,26 +116,59 @@ class _Text:
         self.parts = [first]
 
 
+class _List(list[Any]):
+    """An accumulated list, with its entries that carry a numeric ``index`` found in one lookup.
+
+    A linear search per delta entry made one chunk holding many indexed entries cost quadratic time.
+    """
+
+    __slots__ = ("by_index",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_index: dict[Any, dict[str, Any]] = {}
+
+
+# Merges still to do, as (accumulated container, delta value). Nested values are queued instead of
+# recursed into: a chunk may nest as deep as the parser allows (1024 levels) and Python's stack would give
+# out first. The queue is worked through in order; since every container's merges are queued by its
+# parent's, in the order those ran, each container still receives its deltas in stream order.
+_Work = list[tuple[Any, Any]]
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _fresh(value: Any) -> Any:
+def _fresh(value: Any, work: _Work) -> Any:
+    """A new accumulated value for ``value``; a container's contents are queued on ``work``."""
     if isinstance(value, str):
         return _Text(value)
     if isinstance(value, dict):
         acc: dict[str, Any] = {}
-        _merge(acc, value)
+        work.append((acc, value))
         return acc
     if isinstance(value, list):
-        items: list[Any] = []
-        _extend(items, value)
+        items = _List()
+        work.append((items, value))
         return items
     return value
 
 
 def _merge(acc: dict[str, Any], delta: Mapping[str, Any]) -> None:
     """Merge a delta the way the SDK does: strings and numbers add up, objects merge, lists grow."""
+    work: _Work = []
+    _merge_level(acc, delta, work)
+    # Appending to a list while iterating over it is well defined: the iterator re-reads the length.
+    for target, source in work:
+        if type(target) is dict:
+            _merge_level(target, source, work)
+        else:
+            _extend_level(target, source, work)
+
+
+def _merge_level(acc: dict[str, Any], delta: Mapping[str, Any], work: _Work) -> None:
+    """One level of `_merge`: scalars are merged now, nested containers queued."""
     for key, value in delta.items():
         current = acc.get(key)
         if value is None:
@@ -143,38 +176,72 @@ def _merge(acc: dict[str, Any], delta: Mapping[str, Any]) -> None:
             acc.setdefault(key, None)
         elif current is None or key in ("index", "type"):
             # `index` and `type` identify an entry or a union member: they are replaced, not summed.
-            acc[key] = _fresh(value)
+            acc[key] = _fresh(value, work)
         elif isinstance(current, _Text) and isinstance(value, str):
             current.parts.append(value)
-        elif isinstance(current, dict) and isinstance(value, dict):
-            _merge(current, value)
-        elif isinstance(current, list) and isinstance(value, list):
-            _extend(current, value)
+        elif (isinstance(current, dict) and isinstance(value, dict)) or (
+            isinstance(current, _List) and isinstance(value, list)
+        ):
+            work.append((current, value))
         elif _is_number(current) and _is_number(value):
             acc[key] = current + value
         else:
-            acc[key] = _fresh(value)
+            acc[key] = _fresh(value, work)
 
 
-def _extend(acc: list[Any], delta: list[Any]) -> None:
+def _extend_level(acc: _List, delta: list[Any], work: _Work) -> None:
     """Entries that carry an integer ``index`` update the entry with that index; others are appended."""
     for entry in delta:
-        index = entry.get("index") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            acc.append(_fresh(entry, work))
+            continue
+        index = entry.get("index")
         if isinstance(index, int):
-            target = next((e for e in acc if isinstance(e, dict) and e.get("index") == index), None)
+            target = acc.by_index.get(index)
             if target is not None:
-                _merge(target, entry)
+                _merge_level(target, entry, work)
                 continue
-        acc.append(_fresh(entry))
+        # The entry's own level is merged at once, so a later entry of this same delta finds its index.
+        new: dict[str, Any] = {}
+        _merge_level(new, entry, work)
+        acc.append(new)
+        # Any number equal to an integer index matches it (1.0 == 1 == True, hashes included), as == did.
+        key = new.get("index")
+        if isinstance(key, (int, float)):
+            acc.by_index.setdefault(key, new)
 
 
 def _render(value: Any) -> Any:
-    if isinstance(value, _Text):
+    """The plain JSON value of an accumulated one; iterative for the same reason as `_merge`."""
+    if type(value) is _Text:
         return "".join(value.parts)
     if isinstance(value, dict):
-        return {key: _render(item) for key, item in value.items()}
+        root: Any = {}
+    elif isinstance(value, list):
+        root = []
+    else:
+        return value
+    work: _Work = [(root, value)]
+    for target, source in work:
+        if type(target) is dict:
+            for key, item in source.items():
+                target[key] = _render_level(item, work)
+        else:
+            target.extend([_render_level(item, work) for item in source])
+    return root
+
+
+def _render_level(value: Any, work: _Work) -> Any:
+    if type(value) is _Text:
+        return "".join(value.parts)
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        work.append((out, value))
+        return out
     if isinstance(value, list):
-        return [_render(item) for item in value]
+        items: list[Any] = []
+        work.append((items, value))
+        return items
     return value
 
 
@@ -220,6 +287,15 @@ class _ToolCall:
             if key == "name":
                 if not function.get("name") and value is not None:
                     function["name"] = value
+            elif type(value) is str and key != "type":
+                # The common fragment, a piece of `arguments`, appended without the general merge.
+                current = function.get(key)
+                if type(current) is _Text:
+                    current.parts.append(value)
+                elif current is None:
+                    function[key] = _Text(value)
+                else:
+                    _merge(function, {key: value})
             else:
                 _merge(function, {key: value})
 
@@ -232,12 +308,22 @@ class _ToolCall:
 
 
 class _Choice:
-    __slots__ = ("extra", "finish_reason", "index", "logprobs", "message", "summary_seen", "tool_calls")
+    __slots__ = (
+        "extra",
+        "finish_reason",
+        "index",
+        "last_call",
+        "logprobs",
+        "message",
+        "summary_seen",
+        "tool_calls",
+    )
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.message: dict[str, Any] = {}
         self.tool_calls: dict[int, _ToolCall] = {}
+        self.last_call: int | None = None  # the highest tool call index so far
         self.finish_reason: str | None = None
         self.logprobs: dict[str, Any] | None = None
         self.extra: dict[str, Any] = {}
@@ -297,12 +383,15 @@ class _Choice:
             if not isinstance(index, int):
                 # No index (seen on a few OpenAI-compatible servers): a fragment with an id opens a new
                 # call, any other continues the latest one.
-                index = max(self.tool_calls, default=-1)
+                index = -1 if self.last_call is None else self.last_call
                 if index < 0 or fragment.get("id") is not None:
                     index += 1
             call = self.tool_calls.get(index)
             if call is None:
                 call = self.tool_calls[index] = _ToolCall()
+                # Kept up to date rather than recomputed: max() per fragment made many calls quadratic.
+                if self.last_call is None or index > self.last_call:
+                    self.last_call = index
             call.add(fragment)
 
     def _add_qwen_delta(self, delta: Mapping[str, Any]) -> bool:
