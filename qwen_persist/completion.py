@@ -14,7 +14,7 @@ accidental rather than meaningful we depart from it on purpose, and only there:
   take the last non-null value; the SDK takes most of them from the first chunk only and lets a later
   chunk without ``usage`` or ``system_fingerprint`` erase them;
 * a list of entries without ``index`` is extended instead of raising, and nothing here ever raises on
-  odd input: malformed payloads are counted.
+  odd input (see "Input that cannot be processed" below).
 
 Qwen web API native stream (chat.qwen.ai ``/api/v2/chat/completions``), as observed in public proxies of
 that site (a format assumption, not a published contract)::
@@ -53,10 +53,24 @@ A stream is *complete* (``StreamResult.complete``) when it ended, was not cut mi
 ``StreamResult.error`` then holds it, which says more than "truncated"). Every other stream is *truncated*.
 Finish reasons play no part: a server may send one for only some choices of an ``n > 1`` stream (LiteLLM
 does), and a stream that ended is not cut short for lacking one.
+
+Input that cannot be processed
+------------------------------
+Feeding never raises, whatever the bytes. Merging and rendering walk nested values with an explicit queue
+instead of recursing, so a chunk nested as deeply as the parser accepts is rebuilt as it came. Event data
+that is not JSON, or JSON but not an object, is counted in ``StreamResult.malformed`` and left out, as a
+stream's cut tail or a stray keep-alive is. An event that is well formed but still cannot be processed
+(nested deeper than the parser accepts, 1024 levels for orjson; numbers too large to add up; any other
+exception while merging it) is counted in ``StreamResult.unprocessable``, and ``StreamResult.problem``
+names the first one, e.g. ``"unprocessable event 12: RecursionError"``. Such an event may be partly
+merged, so whenever ``problem`` is set the completion is not a faithful rebuild of the stream; the
+stream's end is judged by the rule above all the same. ``MemoryError`` is let through: it is the
+machine's trouble, not the input's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -85,12 +99,36 @@ def _loads(data: str) -> Any:
     return jsonlib.loads(data)
 
 
+def _json_text(value: Any) -> str:
+    """``value`` as JSON text, for an error that is not an object; never raises."""
+    try:
+        return jsonlib.dumps(value)
+    except MemoryError:
+        raise
+    except Exception:  # nested deeper than the encoder goes: jsonlib lets RecursionError through
+        return "(an error value nested too deeply to print)"
+
+
+def _too_deep(exc: ValueError) -> bool:
+    """Whether the parser refused well-formed JSON for its depth (orjson: "depth limit exceeded").
+
+    Such an event is not malformed: it is data the completion cannot hold, so it must count as a problem.
+    """
+    message = str(exc)
+    return "depth" in message or "recursion" in message
+
+
 @dataclass(slots=True)
 class StreamResult:
     """What a stream amounted to; see the module docstring for the merge rules.
 
     ``done``: the stream carried an end marker; ``complete``: it ended, was not cut mid-event and carried
     no error (the module docstring has the exact rule; a stream that is not complete is truncated).
+    ``finish_reason`` and ``upstream_id`` are strings or ``None`` whatever the stream sent (the completion
+    keeps odd values as they came). ``unprocessable`` counts the events that could not be processed (see
+    the module docstring); ``problem`` is ``None`` when the completion is a faithful rebuild, else a short
+    text naming the first such event (``"unprocessable event 12: RecursionError"``) or, should rendering
+    itself fail, ``"unrenderable completion: …"`` with ``completion`` then ``None``.
     """
 
     completion: dict[str, Any] | None
@@ -105,6 +143,8 @@ class StreamResult:
     response_id: str | None = None
     events: int = 0
     malformed: int = 0
+    unprocessable: int = 0
+    problem: str | None = None
 
 
 class _Text:
@@ -253,7 +293,9 @@ def _normalize_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
         and _is_number(out.get("prompt_tokens"))
         and _is_number(out.get("completion_tokens"))
     ):
-        out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+        # A huge integer plus a float overflows; no total then, rather than losing the usage.
+        with contextlib.suppress(OverflowError):
+            out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
     return out
 
 
@@ -324,7 +366,7 @@ class _Choice:
         self.message: dict[str, Any] = {}
         self.tool_calls: dict[int, _ToolCall] = {}
         self.last_call: int | None = None  # the highest tool call index so far
-        self.finish_reason: str | None = None
+        self.finish_reason: Any = None  # kept as sent; StreamResult.finish_reason only takes a string
         self.logprobs: dict[str, Any] | None = None
         self.extra: dict[str, Any] = {}
         self.summary_seen = 0  # Qwen `thinking_summary` paragraphs already appended
@@ -479,38 +521,69 @@ class ChatCompletionAccumulator:
         self._response_id: str | None = None
         self._events = 0
         self._malformed = 0
+        self._unprocessable = 0
+        self._problem: str | None = None
 
     def add_event(self, event: ServerSentEvent) -> None:
-        """Handle one SSE event: ``[DONE]``, a JSON chunk, an error event, or a Qwen native frame."""
+        """Handle one SSE event: ``[DONE]``, a JSON chunk, an error event, or a Qwen native frame.
+
+        Never raises (``MemoryError`` aside): an event that cannot be processed is counted instead.
+        """
         self._events += 1
-        data = event.data
-        if data.strip() == "[DONE]":
-            self._done = True
-            return
         try:
-            payload = _loads(data)
-        except ValueError:
-            payload = None
-        if event.event == "error":
-            self._set_error(payload if payload is not None else data)
-        elif isinstance(payload, dict):
-            self.add_chunk(payload)
-        else:
-            self._malformed += 1
+            data = event.data
+            if data.strip() == "[DONE]":
+                self._done = True
+                return
+            too_deep = False
+            try:
+                payload = _loads(data)
+            except RecursionError:  # the standard library's parser, which jsonlib uses for long numbers
+                payload, too_deep = None, True
+            except ValueError as exc:
+                payload, too_deep = None, _too_deep(exc)
+            if event.event == "error":
+                # Anything but an object or a string is kept as the text that came: str() of a parsed
+                # list would recurse as deep as it nests.
+                self._set_error(payload if isinstance(payload, (dict, str)) else data)
+            elif isinstance(payload, dict):
+                self._add_chunk(payload)
+            elif too_deep:
+                raise RecursionError("JSON nested deeper than the parser accepts")
+            else:
+                self._malformed += 1
+        except MemoryError:
+            raise
+        except Exception as exc:
+            self._note_problem(f"event {self._events}", exc)
 
     def add_chunk(self, chunk: Mapping[str, Any]) -> None:
-        """Merge one parsed chunk."""
-        choices = chunk.get("choices")
-        if isinstance(choices, list):
-            if choices:
-                self._usage_end = False
-            elif isinstance(chunk.get("usage"), dict):
-                self._usage_end = True
+        """Merge one parsed chunk; like `add_event`, never raises."""
+        try:
+            self._add_chunk(chunk)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            self._note_problem("chunk", exc)
+
+    def _note_problem(self, what: str, exc: BaseException) -> None:
+        """Count something that could not be processed; the first one is named in ``result().problem``."""
+        self._unprocessable += 1
+        if self._problem is None:
+            self._problem = f"unprocessable {what}: {type(exc).__name__}"
+
+    def _add_chunk(self, chunk: Mapping[str, Any]) -> None:
         for key, value in chunk.items():
             if key == "choices":
                 self._seen_chunk = True
                 if isinstance(value, list):
-                    self._add_choices(value)
+                    # The end marker is judged before the choices are merged, so it holds if that fails
+                    # (nothing else in a chunk is known to fail).
+                    if value:
+                        self._usage_end = False
+                        self._add_choices(value)
+                    elif isinstance(chunk.get("usage"), dict):
+                        self._usage_end = True
             elif key == "usage":
                 if isinstance(value, dict):
                     self._usage = _normalize_usage(value)
@@ -532,30 +605,47 @@ class ChatCompletionAccumulator:
 
     def result(self) -> StreamResult:
         """The stream as understood so far; cheap enough to call at any time and free of side effects."""
-        choices = [self._choices[i].render() for i in sorted(self._choices)]
-        completion: dict[str, Any] | None = None
-        if self._seen_chunk or self._choices:
-            completion = {"id": None, "object": "chat.completion", "created": None, "model": None}
-            completion.update(self._top)
-            completion["object"] = "chat.completion"
-            completion["choices"] = choices
-            completion["usage"] = self._usage
-            completion.setdefault("system_fingerprint", None)
+        problem = self._problem
+        try:
+            completion = self._completion()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            # Last resort: rendering does not recurse, so this is not expected; but raising here would
+            # lose the stream's framing and ids along with the completion.
+            completion = None
+            problem = problem or f"unrenderable completion: {type(exc).__name__}"
+        choices = completion["choices"] if completion is not None else []
+        finish_reason = choices[0]["finish_reason"] if choices else None
+        upstream_id = self._top.get("id")
         done = self._done or self._usage_end
         return StreamResult(
             completion=completion,
             done=done,
             complete=done and self._error is None,
-            finish_reason=choices[0]["finish_reason"] if choices else None,
+            finish_reason=finish_reason if isinstance(finish_reason, str) else None,
             usage=self._usage,
-            upstream_id=self._top.get("id"),
+            upstream_id=upstream_id if isinstance(upstream_id, str) else None,
             error=self._error,
             chat_id=self._chat_id,
             parent_id=self._parent_id,
             response_id=self._response_id,
             events=self._events,
             malformed=self._malformed,
+            unprocessable=self._unprocessable,
+            problem=problem,
         )
+
+    def _completion(self) -> dict[str, Any] | None:
+        if not (self._seen_chunk or self._choices):
+            return None
+        completion: dict[str, Any] = {"id": None, "object": "chat.completion", "created": None, "model": None}
+        completion.update(self._top)
+        completion["object"] = "chat.completion"
+        completion["choices"] = [self._choices[i].render() for i in sorted(self._choices)]
+        completion["usage"] = self._usage
+        completion.setdefault("system_fingerprint", None)
+        return completion
 
     def _add_choices(self, choices: list[Any]) -> None:
         for raw in choices:
@@ -582,8 +672,10 @@ class ChatCompletionAccumulator:
         if isinstance(error, dict):
             inner = error.get("error")
             self._error = dict(inner) if isinstance(inner, dict) else dict(error)
+        elif isinstance(error, str):
+            self._error = {"message": error}
         else:
-            self._error = {"message": str(error)}
+            self._error = {"message": _json_text(error)}
 
 
 class StreamReconstructor:
@@ -596,12 +688,28 @@ class StreamReconstructor:
         self._accumulator = ChatCompletionAccumulator()
 
     def feed(self, chunk: bytes) -> None:
-        for event in self._decoder.feed(chunk):
+        """Decode and merge one network chunk; never raises (``MemoryError`` aside), like `finish`."""
+        try:
+            events = self._decoder.feed(chunk)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            # Last resort: the decoder is not known to raise on any bytes; if it does, the chunk is lost.
+            self._accumulator._note_problem("network chunk", exc)
+            return
+        for event in events:
             self._accumulator.add_event(event)
 
     def finish(self) -> StreamResult:
         """The rebuilt completion; a stream cut mid-event is never complete."""
-        for event in self._decoder.close():
+        try:
+            events = self._decoder.close()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            events = []
+            self._accumulator._note_problem("end of stream", exc)
+        for event in events:
             self._accumulator.add_event(event)
         result = self._accumulator.result()
         if self._decoder.unterminated:
