@@ -14,7 +14,7 @@ accidental rather than meaningful we depart from it on purpose, and only there:
   take the last non-null value; the SDK takes most of them from the first chunk only and lets a later
   chunk without ``usage`` or ``system_fingerprint`` erase them;
 * a list of entries without ``index`` is extended instead of raising, and nothing here ever raises on
-  odd input: malformed payloads are counted.
+  odd input (see "Input that cannot be processed" below).
 
 Qwen web API native stream (chat.qwen.ai ``/api/v2/chat/completions``), as observed in public proxies of
 that site (a format assumption, not a published contract)::
@@ -33,10 +33,44 @@ phase's own ``finished`` only closes the reasoning). Thinking phases (``think``,
 summary paragraphs in ``extra.summary_thought.content``, of which only the new ones are appended. Usage is
 cumulative (last wins) and named ``input_tokens``/``output_tokens``. Deltas with ``role: "function"`` are
 the platform's own tool traffic (web search and the like), not the assistant's message, and are skipped.
+
+When a stream counts as truncated
+---------------------------------
+A stream *ended* (``StreamResult.done``) when it carried one of these end markers:
+
+* ``data: [DONE]``, OpenAI's terminator;
+* a usage chunk, the one ``stream_options.include_usage`` adds last: ``choices`` an empty list and ``usage``
+  an object. It ends the stream only while no chunk with a non-empty ``choices`` list follows it (a usage
+  chunk that more choices follow was not the last one);
+* a Qwen native frame with ``status: "finished"`` outside a thinking phase.
+
+``[DONE]`` and Qwen's ``finished`` say so explicitly, so they stay in force: chunks after them are still
+merged but do not reopen the stream.
+
+A stream is *complete* (``StreamResult.complete``) when it ended, was not cut mid-event (the SSE decoder's
+``unterminated``: bytes after the last blank line, known only to ``StreamReconstructor`` and
+``reconstruct_stream``) and carried no error (an ``error`` event, or a chunk with a non-null ``error``:
+``StreamResult.error`` then holds it, which says more than "truncated"). Every other stream is *truncated*.
+Finish reasons play no part: a server may send one for only some choices of an ``n > 1`` stream (LiteLLM
+does), and a stream that ended is not cut short for lacking one.
+
+Input that cannot be processed
+------------------------------
+Feeding never raises, whatever the bytes. Merging and rendering walk nested values with an explicit queue
+instead of recursing, so a chunk nested as deeply as the parser accepts is rebuilt as it came. Event data
+that is not JSON, or JSON but not an object, is counted in ``StreamResult.malformed`` and left out, as a
+stream's cut tail or a stray keep-alive is. An event that is well formed but still cannot be processed
+(nested deeper than the parser accepts, 1024 levels for orjson; numbers too large to add up; any other
+exception while merging it) is counted in ``StreamResult.unprocessable``, and ``StreamResult.problem``
+names the first one, e.g. ``"unprocessable event 12: RecursionError"``. Such an event may be partly
+merged, so whenever ``problem`` is set the completion is not a faithful rebuild of the stream; the
+stream's end is judged by the rule above all the same. ``MemoryError`` is let through: it is the
+machine's trouble, not the input's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,9 +99,37 @@ def _loads(data: str) -> Any:
     return jsonlib.loads(data)
 
 
+def _json_text(value: Any) -> str:
+    """``value`` as JSON text, for an error that is not an object; never raises."""
+    try:
+        return jsonlib.dumps(value)
+    except MemoryError:
+        raise
+    except Exception:  # nested deeper than the encoder goes: jsonlib lets RecursionError through
+        return "(an error value nested too deeply to print)"
+
+
+def _too_deep(exc: ValueError) -> bool:
+    """Whether the parser refused well-formed JSON for its depth (orjson: "depth limit exceeded").
+
+    Such an event is not malformed: it is data the completion cannot hold, so it must count as a problem.
+    """
+    message = str(exc)
+    return "depth" in message or "recursion" in message
+
+
 @dataclass(slots=True)
 class StreamResult:
-    """What a stream amounted to; see the module docstring for the merge rules."""
+    """What a stream amounted to; see the module docstring for the merge rules.
+
+    ``done``: the stream carried an end marker; ``complete``: it ended, was not cut mid-event and carried
+    no error (the module docstring has the exact rule; a stream that is not complete is truncated).
+    ``finish_reason`` and ``upstream_id`` are strings or ``None`` whatever the stream sent (the completion
+    keeps odd values as they came). ``unprocessable`` counts the events that could not be processed (see
+    the module docstring); ``problem`` is ``None`` when the completion is a faithful rebuild, else a short
+    text naming the first such event (``"unprocessable event 12: RecursionError"``) or, should rendering
+    itself fail, ``"unrenderable completion: …"`` with ``completion`` then ``None``.
+    """
 
     completion: dict[str, Any] | None
     done: bool
@@ -81,6 +143,8 @@ class StreamResult:
     response_id: str | None = None
     events: int = 0
     malformed: int = 0
+    unprocessable: int = 0
+    problem: str | None = None
 
 
 class _Text:
@@ -92,26 +156,59 @@ class _Text:
         self.parts = [first]
 
 
+class _List(list[Any]):
+    """An accumulated list, with its entries that carry a numeric ``index`` found in one lookup.
+
+    A linear search per delta entry made one chunk holding many indexed entries cost quadratic time.
+    """
+
+    __slots__ = ("by_index",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_index: dict[Any, dict[str, Any]] = {}
+
+
+# Merges still to do, as (accumulated container, delta value). Nested values are queued instead of
+# recursed into: a chunk may nest as deep as the parser allows (1024 levels) and Python's stack would give
+# out first. The queue is worked through in order; since every container's merges are queued by its
+# parent's, in the order those ran, each container still receives its deltas in stream order.
+_Work = list[tuple[Any, Any]]
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _fresh(value: Any) -> Any:
+def _fresh(value: Any, work: _Work) -> Any:
+    """A new accumulated value for ``value``; a container's contents are queued on ``work``."""
     if isinstance(value, str):
         return _Text(value)
     if isinstance(value, dict):
         acc: dict[str, Any] = {}
-        _merge(acc, value)
+        work.append((acc, value))
         return acc
     if isinstance(value, list):
-        items: list[Any] = []
-        _extend(items, value)
+        items = _List()
+        work.append((items, value))
         return items
     return value
 
 
 def _merge(acc: dict[str, Any], delta: Mapping[str, Any]) -> None:
     """Merge a delta the way the SDK does: strings and numbers add up, objects merge, lists grow."""
+    work: _Work = []
+    _merge_level(acc, delta, work)
+    # Appending to a list while iterating over it is well defined: the iterator re-reads the length.
+    for target, source in work:
+        if type(target) is dict:
+            _merge_level(target, source, work)
+        else:
+            _extend_level(target, source, work)
+
+
+def _merge_level(acc: dict[str, Any], delta: Mapping[str, Any], work: _Work) -> None:
+    """One level of `_merge`: scalars are merged now, nested containers queued."""
     for key, value in delta.items():
         current = acc.get(key)
         if value is None:
@@ -119,38 +216,72 @@ def _merge(acc: dict[str, Any], delta: Mapping[str, Any]) -> None:
             acc.setdefault(key, None)
         elif current is None or key in ("index", "type"):
             # `index` and `type` identify an entry or a union member: they are replaced, not summed.
-            acc[key] = _fresh(value)
+            acc[key] = _fresh(value, work)
         elif isinstance(current, _Text) and isinstance(value, str):
             current.parts.append(value)
-        elif isinstance(current, dict) and isinstance(value, dict):
-            _merge(current, value)
-        elif isinstance(current, list) and isinstance(value, list):
-            _extend(current, value)
+        elif (isinstance(current, dict) and isinstance(value, dict)) or (
+            isinstance(current, _List) and isinstance(value, list)
+        ):
+            work.append((current, value))
         elif _is_number(current) and _is_number(value):
             acc[key] = current + value
         else:
-            acc[key] = _fresh(value)
+            acc[key] = _fresh(value, work)
 
 
-def _extend(acc: list[Any], delta: list[Any]) -> None:
+def _extend_level(acc: _List, delta: list[Any], work: _Work) -> None:
     """Entries that carry an integer ``index`` update the entry with that index; others are appended."""
     for entry in delta:
-        index = entry.get("index") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            acc.append(_fresh(entry, work))
+            continue
+        index = entry.get("index")
         if isinstance(index, int):
-            target = next((e for e in acc if isinstance(e, dict) and e.get("index") == index), None)
+            target = acc.by_index.get(index)
             if target is not None:
-                _merge(target, entry)
+                _merge_level(target, entry, work)
                 continue
-        acc.append(_fresh(entry))
+        # The entry's own level is merged at once, so a later entry of this same delta finds its index.
+        new: dict[str, Any] = {}
+        _merge_level(new, entry, work)
+        acc.append(new)
+        # Any number equal to an integer index matches it (1.0 == 1 == True, hashes included), as == did.
+        key = new.get("index")
+        if isinstance(key, (int, float)):
+            acc.by_index.setdefault(key, new)
 
 
 def _render(value: Any) -> Any:
-    if isinstance(value, _Text):
+    """The plain JSON value of an accumulated one; iterative for the same reason as `_merge`."""
+    if type(value) is _Text:
         return "".join(value.parts)
     if isinstance(value, dict):
-        return {key: _render(item) for key, item in value.items()}
+        root: Any = {}
+    elif isinstance(value, list):
+        root = []
+    else:
+        return value
+    work: _Work = [(root, value)]
+    for target, source in work:
+        if type(target) is dict:
+            for key, item in source.items():
+                target[key] = _render_level(item, work)
+        else:
+            target.extend([_render_level(item, work) for item in source])
+    return root
+
+
+def _render_level(value: Any, work: _Work) -> Any:
+    if type(value) is _Text:
+        return "".join(value.parts)
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        work.append((out, value))
+        return out
     if isinstance(value, list):
-        return [_render(item) for item in value]
+        items: list[Any] = []
+        work.append((items, value))
+        return items
     return value
 
 
@@ -162,7 +293,9 @@ def _normalize_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
         and _is_number(out.get("prompt_tokens"))
         and _is_number(out.get("completion_tokens"))
     ):
-        out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+        # A huge integer plus a float overflows; no total then, rather than losing the usage.
+        with contextlib.suppress(OverflowError):
+            out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
     return out
 
 
@@ -196,6 +329,15 @@ class _ToolCall:
             if key == "name":
                 if not function.get("name") and value is not None:
                     function["name"] = value
+            elif type(value) is str and key != "type":
+                # The common fragment, a piece of `arguments`, appended without the general merge.
+                current = function.get(key)
+                if type(current) is _Text:
+                    current.parts.append(value)
+                elif current is None:
+                    function[key] = _Text(value)
+                else:
+                    _merge(function, {key: value})
             else:
                 _merge(function, {key: value})
 
@@ -208,13 +350,23 @@ class _ToolCall:
 
 
 class _Choice:
-    __slots__ = ("extra", "finish_reason", "index", "logprobs", "message", "summary_seen", "tool_calls")
+    __slots__ = (
+        "extra",
+        "finish_reason",
+        "index",
+        "last_call",
+        "logprobs",
+        "message",
+        "summary_seen",
+        "tool_calls",
+    )
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.message: dict[str, Any] = {}
         self.tool_calls: dict[int, _ToolCall] = {}
-        self.finish_reason: str | None = None
+        self.last_call: int | None = None  # the highest tool call index so far
+        self.finish_reason: Any = None  # kept as sent; StreamResult.finish_reason only takes a string
         self.logprobs: dict[str, Any] | None = None
         self.extra: dict[str, Any] = {}
         self.summary_seen = 0  # Qwen `thinking_summary` paragraphs already appended
@@ -273,12 +425,15 @@ class _Choice:
             if not isinstance(index, int):
                 # No index (seen on a few OpenAI-compatible servers): a fragment with an id opens a new
                 # call, any other continues the latest one.
-                index = max(self.tool_calls, default=-1)
+                index = -1 if self.last_call is None else self.last_call
                 if index < 0 or fragment.get("id") is not None:
                     index += 1
             call = self.tool_calls.get(index)
             if call is None:
                 call = self.tool_calls[index] = _ToolCall()
+                # Kept up to date rather than recomputed: max() per fragment made many calls quadratic.
+                if self.last_call is None or index > self.last_call:
+                    self.last_call = index
             call.add(fragment)
 
     def _add_qwen_delta(self, delta: Mapping[str, Any]) -> bool:
@@ -359,38 +514,76 @@ class ChatCompletionAccumulator:
         self._usage: dict[str, Any] | None = None
         self._error: dict[str, Any] | None = None
         self._seen_chunk = False
-        self._done = False
+        self._done = False  # [DONE] or a Qwen native end: final
+        self._usage_end = False  # a usage chunk that no chunk with choices has followed yet
         self._chat_id: str | None = None
         self._parent_id: str | None = None
         self._response_id: str | None = None
         self._events = 0
         self._malformed = 0
+        self._unprocessable = 0
+        self._problem: str | None = None
 
     def add_event(self, event: ServerSentEvent) -> None:
-        """Handle one SSE event: ``[DONE]``, a JSON chunk, an error event, or a Qwen native frame."""
+        """Handle one SSE event: ``[DONE]``, a JSON chunk, an error event, or a Qwen native frame.
+
+        Never raises (``MemoryError`` aside): an event that cannot be processed is counted instead.
+        """
         self._events += 1
-        data = event.data
-        if data.strip() == "[DONE]":
-            self._done = True
-            return
         try:
-            payload = _loads(data)
-        except ValueError:
-            payload = None
-        if event.event == "error":
-            self._set_error(payload if payload is not None else data)
-        elif isinstance(payload, dict):
-            self.add_chunk(payload)
-        else:
-            self._malformed += 1
+            data = event.data
+            if data.strip() == "[DONE]":
+                self._done = True
+                return
+            too_deep = False
+            try:
+                payload = _loads(data)
+            except RecursionError:  # the standard library's parser, which jsonlib uses for long numbers
+                payload, too_deep = None, True
+            except ValueError as exc:
+                payload, too_deep = None, _too_deep(exc)
+            if event.event == "error":
+                # Anything but an object or a string is kept as the text that came: str() of a parsed
+                # list would recurse as deep as it nests.
+                self._set_error(payload if isinstance(payload, (dict, str)) else data)
+            elif isinstance(payload, dict):
+                self._add_chunk(payload)
+            elif too_deep:
+                raise RecursionError("JSON nested deeper than the parser accepts")
+            else:
+                self._malformed += 1
+        except MemoryError:
+            raise
+        except Exception as exc:
+            self._note_problem(f"event {self._events}", exc)
 
     def add_chunk(self, chunk: Mapping[str, Any]) -> None:
-        """Merge one parsed chunk."""
+        """Merge one parsed chunk; like `add_event`, never raises."""
+        try:
+            self._add_chunk(chunk)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            self._note_problem("chunk", exc)
+
+    def _note_problem(self, what: str, exc: BaseException) -> None:
+        """Count something that could not be processed; the first one is named in ``result().problem``."""
+        self._unprocessable += 1
+        if self._problem is None:
+            self._problem = f"unprocessable {what}: {type(exc).__name__}"
+
+    def _add_chunk(self, chunk: Mapping[str, Any]) -> None:
         for key, value in chunk.items():
             if key == "choices":
                 self._seen_chunk = True
                 if isinstance(value, list):
-                    self._add_choices(value)
+                    # The end marker is judged before the choices are merged, so it holds if that fails
+                    # (nothing else in a chunk is known to fail).
+                    if value:
+                        self._usage_end = False
+                        self._add_choices(value)
+                    elif isinstance(chunk.get("usage"), dict):
+                        self._usage_end = True
             elif key == "usage":
                 if isinstance(value, dict):
                     self._usage = _normalize_usage(value)
@@ -412,30 +605,47 @@ class ChatCompletionAccumulator:
 
     def result(self) -> StreamResult:
         """The stream as understood so far; cheap enough to call at any time and free of side effects."""
-        choices = [self._choices[i].render() for i in sorted(self._choices)]
-        completion: dict[str, Any] | None = None
-        if self._seen_chunk or self._choices:
-            completion = {"id": None, "object": "chat.completion", "created": None, "model": None}
-            completion.update(self._top)
-            completion["object"] = "chat.completion"
-            completion["choices"] = choices
-            completion["usage"] = self._usage
-            completion.setdefault("system_fingerprint", None)
-        finished = bool(choices) and all(choice["finish_reason"] for choice in choices)
+        problem = self._problem
+        try:
+            completion = self._completion()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            # Last resort: rendering does not recurse, so this is not expected; but raising here would
+            # lose the stream's framing and ids along with the completion.
+            completion = None
+            problem = problem or f"unrenderable completion: {type(exc).__name__}"
+        choices = completion["choices"] if completion is not None else []
+        finish_reason = choices[0]["finish_reason"] if choices else None
+        upstream_id = self._top.get("id")
+        done = self._done or self._usage_end
         return StreamResult(
             completion=completion,
-            done=self._done,
-            complete=self._done and finished and self._error is None,
-            finish_reason=choices[0]["finish_reason"] if choices else None,
+            done=done,
+            complete=done and self._error is None,
+            finish_reason=finish_reason if isinstance(finish_reason, str) else None,
             usage=self._usage,
-            upstream_id=self._top.get("id"),
+            upstream_id=upstream_id if isinstance(upstream_id, str) else None,
             error=self._error,
             chat_id=self._chat_id,
             parent_id=self._parent_id,
             response_id=self._response_id,
             events=self._events,
             malformed=self._malformed,
+            unprocessable=self._unprocessable,
+            problem=problem,
         )
+
+    def _completion(self) -> dict[str, Any] | None:
+        if not (self._seen_chunk or self._choices):
+            return None
+        completion: dict[str, Any] = {"id": None, "object": "chat.completion", "created": None, "model": None}
+        completion.update(self._top)
+        completion["object"] = "chat.completion"
+        completion["choices"] = [self._choices[i].render() for i in sorted(self._choices)]
+        completion["usage"] = self._usage
+        completion.setdefault("system_fingerprint", None)
+        return completion
 
     def _add_choices(self, choices: list[Any]) -> None:
         for raw in choices:
@@ -462,8 +672,10 @@ class ChatCompletionAccumulator:
         if isinstance(error, dict):
             inner = error.get("error")
             self._error = dict(inner) if isinstance(inner, dict) else dict(error)
+        elif isinstance(error, str):
+            self._error = {"message": error}
         else:
-            self._error = {"message": str(error)}
+            self._error = {"message": _json_text(error)}
 
 
 class StreamReconstructor:
@@ -476,12 +688,28 @@ class StreamReconstructor:
         self._accumulator = ChatCompletionAccumulator()
 
     def feed(self, chunk: bytes) -> None:
-        for event in self._decoder.feed(chunk):
+        """Decode and merge one network chunk; never raises (``MemoryError`` aside), like `finish`."""
+        try:
+            events = self._decoder.feed(chunk)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            # Last resort: the decoder is not known to raise on any bytes; if it does, the chunk is lost.
+            self._accumulator._note_problem("network chunk", exc)
+            return
+        for event in events:
             self._accumulator.add_event(event)
 
     def finish(self) -> StreamResult:
         """The rebuilt completion; a stream cut mid-event is never complete."""
-        for event in self._decoder.close():
+        try:
+            events = self._decoder.close()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            events = []
+            self._accumulator._note_problem("end of stream", exc)
+        for event in events:
             self._accumulator.add_event(event)
         result = self._accumulator.result()
         if self._decoder.unterminated:

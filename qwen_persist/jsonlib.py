@@ -24,16 +24,25 @@ def _not_json(constant: str) -> Any:
 
 
 def loads(data: bytes | str) -> Any:
-    """Parse standard JSON; raises ``ValueError`` when it is not."""
+    """Parse standard JSON; raises ``ValueError`` when it is not, or when it nests too deeply to parse."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
     if _LONG_RUN not in raw.translate(_DIGITS_ONLY):
-        return orjson.loads(raw)  # orjson.JSONDecodeError is a ValueError
-    return json.loads(data, parse_constant=_not_json)
+        return orjson.loads(raw)  # orjson.JSONDecodeError is a ValueError, "depth limit" included
+    try:
+        return json.loads(data, parse_constant=_not_json)
+    except RecursionError:
+        # orjson refuses more than 1024 levels with a ValueError; the standard library runs out of stack
+        # near 1000 instead, and callers only expect ValueError.
+        raise ValueError("JSON nested past the parser's depth limit") from None
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON text, non-ASCII kept as is."""
+    """Compact JSON text, non-ASCII kept as is; ``TypeError`` or ``ValueError`` when that cannot be."""
     try:
         return orjson.dumps(value).decode("utf-8")
     except TypeError:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        # orjson also gives up past 254 levels of nesting, with a TypeError.
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        except RecursionError:
+            raise ValueError("value nested past the JSON encoder's depth limit") from None

@@ -14,6 +14,7 @@ connection dropped), so :meth:`SSEDecoder.close` dispatches it and reports the s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 __all__ = ["SSEDecoder", "ServerSentEvent"]
@@ -137,7 +138,9 @@ class SSEDecoder:
             if "\0" not in value:
                 self._last_id = value
         elif name == "retry" and value.isascii() and value.isdigit():
-            self._retry = int(value)
+            # More digits than int() converts (sys.get_int_max_str_digits) raise; no usable delay anyway.
+            with contextlib.suppress(ValueError):
+                self._retry = int(value)
         return None
 
     def _dispatch(self) -> ServerSentEvent:

@@ -213,10 +213,20 @@ def test_choices_are_kept_apart_by_index() -> None:
     assert result.complete
 
 
-def test_stream_is_incomplete_until_every_choice_finishes() -> None:
-    result = accumulate(chunk(delta(0, content="a", finish_reason="stop"), delta(1, content="b")))
-    assert result.done
-    assert not result.complete
+def test_ended_stream_is_complete_even_if_a_choice_has_no_finish_reason() -> None:
+    # LiteLLM sends the finish reason of an n=2 stream for choice 0 only; [DONE] still ends the stream.
+    result = reconstruct_stream(
+        [
+            sse(
+                chunk(delta(0, content="a"), delta(1, content="b")),
+                chunk(delta(0, finish_reason="stop")),
+                "[DONE]",
+            )
+        ]
+    )
+    assert result.completion is not None
+    assert [c["finish_reason"] for c in result.completion["choices"]] == ["stop", None]
+    assert result.done and result.complete
 
 
 def test_logprobs_lists_are_concatenated() -> None:
@@ -333,10 +343,53 @@ def test_stream_without_done_still_yields_a_result() -> None:
     assert result.finish_reason is None
 
 
-def test_done_without_finish_reason_is_not_complete() -> None:
+def test_done_without_finish_reason_is_complete() -> None:
     result = reconstruct_stream([sse(chunk(delta(content="a")), "[DONE]")])
-    assert result.done
+    assert result.done and result.complete
+    assert result.finish_reason is None
+
+
+USAGE = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+
+
+def test_final_usage_chunk_ends_the_stream_without_done() -> None:
+    result = reconstruct_stream([sse(chunk(delta(content="a", finish_reason="stop")), chunk(usage=USAGE))])
+    assert result.done and result.complete
+    assert result.usage == USAGE
+
+
+def test_usage_chunk_followed_by_choices_does_not_end_the_stream() -> None:
+    result = reconstruct_stream([sse(chunk(usage=USAGE), chunk(delta(content="a", finish_reason="stop")))])
+    assert not result.done
     assert not result.complete
+    # Only a usage *object* with empty choices is the end marker.
+    assert not reconstruct_stream([sse(chunk(delta(content="a")), chunk(usage=None))]).done
+    assert not reconstruct_stream([sse(chunk(delta(content="a")), {"usage": USAGE})]).done
+
+
+def test_finish_reasons_without_an_end_marker_are_truncated() -> None:
+    result = reconstruct_stream(
+        [sse(chunk(delta(0, content="a", finish_reason="stop"), delta(1, content="b", finish_reason="stop")))]
+    )
+    assert not result.done
+    assert not result.complete
+
+
+def test_stream_cut_mid_event_is_truncated_whatever_came_before() -> None:
+    ended = sse(chunk(delta(content="a", finish_reason="stop")), chunk(usage=USAGE), "[DONE]")
+    assert reconstruct_stream([ended]).complete
+    cut = reconstruct_stream([ended + b": keep-alive\ndata: {"])
+    assert cut.done
+    assert not cut.complete
+
+
+def test_done_is_final_and_an_empty_ended_stream_is_complete() -> None:
+    late = reconstruct_stream([sse(chunk(delta(content="a")), "[DONE]", chunk(delta(content="b")))])
+    assert late.done and late.complete
+    assert message(late)["content"] == "ab"
+    empty = reconstruct_stream([sse("[DONE]")])
+    assert empty.complete
+    assert empty.completion is None
 
 
 def test_error_payload_is_captured() -> None:

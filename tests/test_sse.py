@@ -93,6 +93,12 @@ def test_retry_accepts_ascii_digits_only() -> None:
     assert [e.retry for e in events] == [1500, None, None, None]
 
 
+def test_retry_too_long_for_int_is_ignored_not_raised() -> None:
+    # int() refuses more than sys.get_int_max_str_digits() digits (4300 by default) with ValueError.
+    events, _ = decode(b"retry: " + b"9" * 5000 + b"\ndata: a\n\nretry: 7\ndata: b\n\n")
+    assert [e.retry for e in events] == [None, 7]
+
+
 def test_field_without_colon_has_an_empty_value() -> None:
     events, _ = decode(b"data\n\nevent\ndata: x\n\n")
     assert [(e.event, e.data) for e in events] == [("message", ""), ("message", "x")]
