@@ -34,6 +34,7 @@ from .repository import Op
 from .sessions import message_count, resolve_session_id, session_row
 
 log = logging.getLogger("qwen_persist")
+MAX_TOKENS = 2**31 - 1
 
 
 class StreamHandoff:
@@ -323,7 +324,7 @@ def _stream_body(
     data = record.body
     kept = record.stream is None  # a stream over max_body_bytes was rebuilt as it passed, not kept
     result = handoff.finish() if handoff is not None else reconstruct_stream([data])
-    problem = (handoff.problem if handoff is not None else None) or getattr(result, "problem", None)
+    problem = (handoff.problem if handoff is not None else None) or result.problem
     body: Any = result.completion
     plain = handoff is None  # the bytes in `data` are the stream's own text
     if body is not None and too_deep(body, hint=data if plain else None):
@@ -395,14 +396,15 @@ def _tokens(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None, in
     def count(*names: str) -> int | None:
         for name in names:
             value = usage.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
+            # The columns are 32-bit INTEGERs; a count beyond them is not a real count.
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
                 return value
         return None
 
     prompt = count("prompt_tokens", "input_tokens")
     completion = count("completion_tokens", "output_tokens")
     total = count("total_tokens")
-    if total is None and prompt is not None and completion is not None:
+    if total is None and prompt is not None and completion is not None and prompt + completion <= MAX_TOKENS:
         total = prompt + completion
     return prompt, completion, total
 
@@ -412,7 +414,12 @@ def _error_message(error: Any) -> str:
         message = error.get("message")
         if isinstance(message, str) and message:
             return message
-    return str(error) if not isinstance(error, dict) else repr(dict(error))
+    if isinstance(error, str):
+        return error
+    try:
+        return jsonlib.dumps(error)[:2000]
+    except (TypeError, ValueError):
+        return f"unreadable {type(error).__name__} error"
 
 
 def fallback_op(record: CapturedRequest | CapturedResponse, exc: BaseException, *, ttl_ms: int) -> Op:

@@ -632,4 +632,4 @@ def test_deeply_nested_chunks_are_kept_raw_and_harm_nothing(
     assert deep_request.openai_request["reason"] == "too_deep" and deep_request.metadata_ == {
         "capture_problem": "body_too_deep"
     }
-    assert next_row is not None and next_row.finish_reason == "stop"
+    assert next_row is not None and next_row.error == stream_row.error  # the writer lived on
