@@ -24,7 +24,14 @@ from .exchange import SCOPE_KEY, Exchange
 from .paths import PathMatcher, route_path
 from .records import CapturedRequest, CapturedResponse, StreamHandoff
 from .redaction import Redactor
-from .sessions import SessionManager, api_key_fingerprint, is_valid_client_id, new_request_id, now_ms
+from .sessions import (
+    CaptureIds,
+    SessionManager,
+    api_key_fingerprint,
+    is_valid_client_id,
+    new_request_id,
+    now_ms,
+)
 from .writer import Writer, WriterStats
 
 log = logging.getLogger("qwen_persist")
@@ -100,6 +107,7 @@ class PersistenceMiddleware:
         self._response_headers = frozenset(h.encode("latin-1") for h in self.settings.response_headers)
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         self._published = False
+        self._capture_ids = CaptureIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._published:
@@ -236,6 +244,7 @@ class _ExchangeResponder:
             key_fingerprint=api_key_fingerprint(key) if key else None,
             body_complete=False,
             codings=codings,
+            capture_id=middleware._capture_ids(),
         )
         self.exchange = Exchange(middleware, self.record)
         scope[SCOPE_KEY] = self.exchange
@@ -424,6 +433,7 @@ class _ExchangeResponder:
         self.response_chunks = []
         record = CapturedResponse(
             request_id=self.record.request_id,
+            capture_id=self.record.capture_id,
             status_code=status if status is not None else self.status,
             streamed=self.streamed,
             body=chunks[0] if len(chunks) == 1 else b"".join(chunks),

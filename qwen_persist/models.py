@@ -67,6 +67,8 @@ class Session(Base):
     updated_at: Mapped[int] = mapped_column(BigInteger)
     last_accessed: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    # Arrival time (ms) of the exchange whose chat_id/parent_id these are: they only move forward.
+    ids_updated_at: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Request(Base):
@@ -79,6 +81,8 @@ class Request(Base):
     # The (session_id, timestamp) index serves lookups by session_id alone too.
     session_id: Mapped[str] = mapped_column(Text, ForeignKey("sessions.id", ondelete="CASCADE"))
     request_id: Mapped[str] = mapped_column(Text, unique=True)
+    # Made by the middleware, unique across processes and restarts: how a replayed record is known.
+    capture_id: Mapped[str | None] = mapped_column(Text, unique=True)
     timestamp: Mapped[int] = mapped_column(BigInteger, index=True)
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
     method: Mapped[str] = mapped_column(Text)

@@ -116,6 +116,7 @@ class CapturedRequest:
     session_id: str | None = None  # set when the app asked for it on the request path
     body_complete: bool = True
     codings: list[str] | None = None  # the body's Content-Encoding
+    capture_id: str | None = None  # unique across processes and restarts (sessions.CaptureIds)
 
 
 @dataclass(slots=True)
@@ -148,6 +149,7 @@ class CapturedResponse:
     codings: list[str] | None = None  # the body's Content-Encoding
     headers: dict[str, str] | None = None  # the allow-listed response headers
     sent_request_id: str | None = None  # the app's own X-Request-Id, when it set one
+    capture_id: str | None = None  # its request's
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +208,7 @@ def request_op(
         "request": {
             "session_id": session_id,
             "request_id": record.request_id,
+            "capture_id": record.capture_id,
             "timestamp": record.arrived_ms,
             "created_at": record.arrived_ms,
             "method": record.method,
@@ -264,6 +267,7 @@ def response_op(
     op: Op = {
         "op": "response",
         "request_id": record.request_id,
+        "capture_id": record.capture_id,
         "response": {
             "response_id": f"resp-{uuid.uuid4()}",
             "upstream_id": _text(upstream_id),
@@ -291,6 +295,8 @@ def response_op(
             else request.messages + (1 if finish_reason is not None else 0),
             "parent_id": _text(reports.parent_id),
             "chat_id": _text(reports.chat_id),
+            # The exchange's place in the conversation: its request's arrival.
+            "ids_at": record.ended_ms - record.duration_ms,
         },
     }
     if record.sent_request_id is not None:
@@ -434,6 +440,7 @@ def fallback_op(record: CapturedRequest | CapturedResponse, exc: BaseException, 
             "request": {
                 "session_id": session_id,
                 "request_id": record.request_id,
+                "capture_id": record.capture_id,
                 "timestamp": record.arrived_ms,
                 "created_at": record.arrived_ms,
                 "method": record.method,
@@ -448,6 +455,7 @@ def fallback_op(record: CapturedRequest | CapturedResponse, exc: BaseException, 
     return {
         "op": "response",
         "request_id": record.request_id,
+        "capture_id": record.capture_id,
         "response": {
             "response_id": f"resp-{uuid.uuid4()}",
             "upstream_id": None,

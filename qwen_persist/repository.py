@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, case, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .gil import yield_gil
@@ -41,7 +41,9 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Insert sessions, or renew existing ones; atomic, so concurrent writers lose nothing.
 
     A renewal slides the expiry and never lowers message_count. If the stored session had already
-    expired, it is a new conversation under the same id: chat_id and parent_id are cleared.
+    expired, it is a new conversation under the same id: chat_id and parent_id are cleared. chat_id and
+    parent_id only ever move to the values of a newer exchange (``ids_updated_at``), whatever order
+    replicas or a replayed journal deliver them in.
     """
     if not rows:
         return
@@ -54,11 +56,19 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         raise NotImplementedError(f"sessions upsert is not implemented for {dialect}")
     table, new = sessions_table.c, stmt.excluded
     was_expired = table.expires_at <= new.last_accessed
+    newer = and_(
+        new.ids_updated_at.is_not(None),
+        or_(table.ids_updated_at.is_(None), new.ids_updated_at >= table.ids_updated_at),
+    )
 
     def latest(name: str) -> Any:
         # Timestamps only move forward: an older op (a replayed spill file, a slower replica) must not
         # pull a live session's expiry back into the past.
         return case((new[name] > table[name], new[name]), else_=table[name])
+
+    def upstream_id(name: str) -> Any:
+        # A newer exchange's id wins; else an expired session starts over without the old ids.
+        return case((and_(newer, new[name].is_not(None)), new[name]), (was_expired, None), else_=table[name])
 
     stmt = stmt.on_conflict_do_update(
         index_elements=[table.id],
@@ -69,10 +79,11 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
             "message_count": case(
                 (new.message_count > table.message_count, new.message_count), else_=table.message_count
             ),
-            # Ids the batch itself brings (a response folded into its request's row) win; otherwise an
-            # expired session starts over without the old conversation's ids.
-            "chat_id": func.coalesce(new.chat_id, case((was_expired, None), else_=table.chat_id)),
-            "parent_id": func.coalesce(new.parent_id, case((was_expired, None), else_=table.parent_id)),
+            "chat_id": upstream_id("chat_id"),
+            "parent_id": upstream_id("parent_id"),
+            "ids_updated_at": case(
+                (newer, new.ids_updated_at), (was_expired, new.last_accessed), else_=table.ids_updated_at
+            ),
         },
     )
     _executemany(conn, stmt, rows)
@@ -88,9 +99,13 @@ def _merge_sessions(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for key in ("updated_at", "last_accessed", "expires_at", "message_count"):
             seen[key] = max(seen[key], row[key])
-        for key in ("chat_id", "parent_id"):
-            if row[key] is not None:
-                seen[key] = row[key]
+        if row["ids_updated_at"] is not None and (
+            seen["ids_updated_at"] is None or row["ids_updated_at"] >= seen["ids_updated_at"]
+        ):
+            for key in ("chat_id", "parent_id"):
+                if row[key] is not None:
+                    seen[key] = row[key]
+            seen["ids_updated_at"] = row["ids_updated_at"]
     # Always in id order: two writers that lock the same sessions in the same order cannot deadlock.
     return [merged[key] for key in sorted(merged)]
 
@@ -103,96 +118,104 @@ def _fold_answer(session: dict[str, Any], answer: Op) -> dict[str, Any]:
     count = update.get("message_count")
     if count is not None and count > folded["message_count"]:
         folded["message_count"] = count
-    for key in ("chat_id", "parent_id"):
-        if update.get(key) is not None:
-            folded[key] = update[key]
+    if update.get("chat_id") is not None or update.get("parent_id") is not None:
+        folded["chat_id"] = update.get("chat_id")
+        folded["parent_id"] = update.get("parent_id")
+        folded["ids_updated_at"] = update.get("ids_at", folded["created_at"])
     folded["updated_at"] = max(folded["updated_at"], answer["response"]["timestamp"])
     return folded
 
 
-def write_ops(conn: Connection, ops: Sequence[Op], renamed: dict[str, str] | None = None) -> BatchOutcome:
-    """Store a batch of ops in the caller's transaction.
+def _answer_key(op: Op) -> str:
+    """What links a response op to its request op: the capture id (ops from before capture ids: the
+    request id)."""
+    key: str = op.get("capture_id") or op["request_id"]
+    return key
 
-    ``renamed`` carries request-id renames across batches (a response follows its request's new id).
+
+def write_ops(conn: Connection, ops: Sequence[Op], renamed: dict[str, str] | None = None) -> BatchOutcome:
+    """Store a batch of ops in the caller's transaction; idempotent.
+
+    A request op already stored (same capture id) is a duplicate, never a new row; a response finds its
+    request by capture id. ``renamed`` carries request-id renames across batches for ops written before
+    capture ids existed (an old spill file), whose responses still find their request by request id.
     """
     outcome = BatchOutcome()
     renames = renamed if renamed is not None else {}
     request_ops = [op for op in ops if op["op"] == "request"]
     response_ops = [op for op in ops if op["op"] == "response"]
-    answers = {op["request_id"]: op for op in response_ops}
-    # Renames that only this batch needs (a request taking the id its app sent, with its response here)
-    # stay out of ``renames``, which lives as long as the writer.
-    local: dict[str, str] = {}
-    folded = _write_requests(conn, request_ops, answers, renames, local, outcome)
-    _write_responses(conn, response_ops, folded, {**renames, **local}, outcome)
+    answers = {_answer_key(op): op for op in response_ops}
+    folded = _write_requests(conn, request_ops, answers, renames, outcome)
+    _write_responses(conn, response_ops, folded, renames, outcome)
     return outcome
 
 
 def _write_requests(
-    conn: Connection,
-    ops: list[Op],
-    answers: dict[str, Op],
-    renames: dict[str, str],
-    local: dict[str, str],
-    outcome: BatchOutcome,
+    conn: Connection, ops: list[Op], answers: dict[str, Op], renames: dict[str, str], outcome: BatchOutcome
 ) -> set[str]:
-    """Write the requests; returns the request ids whose response's session update was folded in."""
+    """Write the requests; returns the answer keys whose response's session update was folded in."""
     folded: set[str] = set()
     if not ops:
         return folded
-    ids = [op["request"]["request_id"] for op in ops]
-    sent_ids = {
-        rid: answers[rid]["sent_request_id"] for rid in ids if "sent_request_id" in answers.get(rid, ())
-    }
-    existing = dict(
+    rows = [dict(op["request"]) for op in ops]
+    keys = [row.get("capture_id") or row["request_id"] for row in rows]
+    sent = {key: answers[key]["sent_request_id"] for key in keys if "sent_request_id" in answers.get(key, ())}
+    captured = [row["capture_id"] for row in rows if row.get("capture_id")]
+    stored_captures = set(
+        conn.execute(
+            select(requests_table.c.capture_id).where(requests_table.c.capture_id.in_(captured))
+        ).scalars()
+    )
+    wanted_ids = [row["request_id"] for row in rows] + list(sent.values())
+    taken = dict(  # request ids already stored -> their timestamp (old ops: how a replay was known)
         conn.execute(
             select(requests_table.c.request_id, requests_table.c.timestamp).where(
-                requests_table.c.request_id.in_(ids + list(sent_ids.values()))
+                requests_table.c.request_id.in_(wanted_ids)
             )
         ).all()
     )
-    rows: list[dict[str, Any]] = []
-    taken: set[str] = set()  # request ids of `rows`, so a repeat within the batch is found in O(1)
+    new_rows: list[dict[str, Any]] = []
     sessions: list[dict[str, Any]] = []
-    for op in ops:
-        row = dict(op["request"])
+    for op, row, key in zip(ops, rows, keys, strict=True):
         rid = row["request_id"]
-        sent = sent_ids.get(rid)
-        if sent is not None:
-            if existing.get(sent) == row["timestamp"]:
-                outcome.duplicates += 1  # a replay of a request stored under the id its app sent
-                continue
-            if sent not in existing and sent not in taken:
-                # The app set its own X-Request-Id: the client saw that one, so the row is filed under it.
-                row.update(
-                    request_id=sent, metadata={**(row.get("metadata") or {}), "assigned_request_id": rid}
-                )
-                local[rid] = sent
-            else:
-                row["metadata"] = {**(row.get("metadata") or {}), "sent_request_id": sent}
-        elif rid in existing or rid in taken:
-            if existing.get(rid) == row["timestamp"]:
-                outcome.duplicates += 1  # the same request, replayed
-                continue
+        capture = row.get("capture_id")
+        if capture in stored_captures or (capture is None and taken.get(rid) == row["timestamp"]):
+            outcome.duplicates += 1  # the same request, replayed
+            continue
+        wanted = sent.get(key)
+        if wanted is not None and wanted not in taken:
+            # The app set its own X-Request-Id: the client saw that one, so the row is filed under it.
+            row.update(
+                request_id=wanted, metadata={**(row.get("metadata") or {}), "assigned_request_id": rid}
+            )
+            if capture is None:
+                renames[rid] = wanted
+        elif rid in taken:
             # A client reused an X-Request-Id that is already stored: keep both, under a fresh id.
             fresh = str(uuid.uuid4())
-            renames[rid] = fresh
             outcome.renamed[rid] = fresh
-            metadata = dict(row.get("metadata") or {})
-            metadata["client_request_id"] = rid
+            if capture is None:
+                renames[rid] = fresh
+            metadata = {**(row.get("metadata") or {}), "client_request_id": rid}
+            if wanted is not None:
+                metadata["sent_request_id"] = wanted  # another request holds that id already
             row.update(request_id=fresh, metadata=metadata)
-        rows.append(row)
-        taken.add(row["request_id"])
-        answer = answers.get(rid)
+        elif wanted is not None:
+            row["metadata"] = {**(row.get("metadata") or {}), "sent_request_id": wanted}
+        taken[row["request_id"]] = row["timestamp"]
+        if capture is not None:
+            stored_captures.add(capture)
+        new_rows.append(row)
+        answer = answers.get(key)
         if answer is None:
             sessions.append(op["session"])
         else:
             sessions.append(_fold_answer(op["session"], answer))
-            folded.add(rid)
+            folded.add(key)
     upsert_sessions(conn, _merge_sessions(sessions))
-    if rows:
-        _executemany(conn, insert(requests_table), rows)
-    outcome.written += len(rows)
+    if new_rows:
+        _executemany(conn, insert(requests_table), new_rows)
+    outcome.written += len(new_rows)
     return folded
 
 
@@ -201,26 +224,40 @@ def _write_responses(
 ) -> None:
     if not ops:
         return
-    wanted = [renames.get(op["request_id"], op["request_id"]) for op in ops]
-    found = {
+    columns = (
+        requests_table.c.id,
+        requests_table.c.request_id,
+        requests_table.c.capture_id,
+        requests_table.c.session_id,
+    )
+    captures = [op["capture_id"] for op in ops if op.get("capture_id")]
+    legacy = [renames.get(op["request_id"], op["request_id"]) for op in ops if not op.get("capture_id")]
+    by_capture = {
+        row.capture_id: row
+        for row in conn.execute(select(*columns).where(requests_table.c.capture_id.in_(captures)))
+    }
+    by_request_id = {
         row.request_id: row
-        for row in conn.execute(
-            select(requests_table.c.id, requests_table.c.request_id, requests_table.c.session_id).where(
-                requests_table.c.request_id.in_(wanted)
-            )
-        )
+        for row in conn.execute(select(*columns).where(requests_table.c.request_id.in_(legacy)))
     }
     answered = set(
         conn.execute(
             select(responses_table.c.request_id).where(
-                responses_table.c.request_id.in_([row.id for row in found.values()])
+                responses_table.c.request_id.in_(
+                    [row.id for row in (*by_capture.values(), *by_request_id.values())]
+                )
             )
         ).scalars()
     )
     rows: list[dict[str, Any]] = []
     session_updates: list[dict[str, Any]] = []
-    for op, rid in zip(ops, wanted, strict=True):
-        request = found.get(rid)
+    for op in ops:
+        capture = op.get("capture_id")
+        request = (
+            by_capture.get(capture)
+            if capture
+            else by_request_id.get(renames.get(op["request_id"], op["request_id"]))
+        )
         if request is None:
             outcome.orphans.append(op)
             continue
@@ -229,7 +266,7 @@ def _write_responses(
             continue
         answered.add(request.id)
         rows.append({**op["response"], "request_id": request.id, "session_id": request.session_id})
-        if op["request_id"] not in folded:
+        if _answer_key(op) not in folded:
             session = op.get("session_update") or {}
             session_updates.append(
                 {
@@ -237,6 +274,7 @@ def _write_responses(
                     "n": session.get("message_count"),
                     "p": session.get("parent_id"),
                     "c": session.get("chat_id"),
+                    "at": session.get("ids_at") or op["response"]["timestamp"],
                     "now": op["response"]["timestamp"],
                 }
             )
@@ -281,14 +319,21 @@ def _apply_request_update(conn: Connection, request_id: int, update_values: dict
 
 def _update_sessions_after_response(conn: Connection, updates: list[dict[str, Any]]) -> None:
     table = sessions_table.c
-    count = bindparam("n", type_=sessions_table.c.message_count.type)
+    count = bindparam("n", type_=table.message_count.type)
+    parent = bindparam("p", type_=table.parent_id.type)
+    chat = bindparam("c", type_=table.chat_id.type)
+    at = bindparam("at", type_=table.ids_updated_at.type)
+    reported = or_(parent.is_not(None), chat.is_not(None))
+    # Only a newer exchange's ids replace the stored ones (a late response from an older turn does not).
+    newer = and_(reported, or_(table.ids_updated_at.is_(None), at >= table.ids_updated_at))
     stmt = (
         update(sessions_table)
         .where(table.id == bindparam("sid"))
         .values(
             message_count=case((count > table.message_count, count), else_=table.message_count),
-            parent_id=func.coalesce(bindparam("p", type_=table.parent_id.type), table.parent_id),
-            chat_id=func.coalesce(bindparam("c", type_=table.chat_id.type), table.chat_id),
+            parent_id=case((and_(newer, parent.is_not(None)), parent), else_=table.parent_id),
+            chat_id=case((and_(newer, chat.is_not(None)), chat), else_=table.chat_id),
+            ids_updated_at=case((newer, at), else_=table.ids_updated_at),
             updated_at=case((bindparam("now") > table.updated_at, bindparam("now")), else_=table.updated_at),
         )
     )

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
+import os
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -112,6 +115,25 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
+class CaptureIds:
+    """Capture ids: a random per-process token and a counter, so cheap to make on the request path and
+    unique across replicas, workers forked from one parent (the token is renewed in the child) and
+    restarts. They are how a replayed record is told from a fresh one."""
+
+    __slots__ = ("_counter", "_token")
+
+    def __init__(self) -> None:
+        self._renew()
+        os.register_at_fork(after_in_child=self._renew)
+
+    def _renew(self) -> None:
+        self._token = secrets.token_hex(8)
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._token}-{next(self._counter):x}"
+
+
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     id: str
@@ -123,6 +145,7 @@ class SessionInfo:
     updated_at: int
     last_accessed: int
     expires_at: int
+    ids_updated_at: int | None = None  # arrival time of the exchange that set chat_id/parent_id
 
     @property
     def expired(self) -> bool:
@@ -164,7 +187,9 @@ class SessionManager:
             upsert_sessions(conn, [row])
             if chat_id is not None:
                 conn.execute(
-                    update(sessions_table).where(sessions_table.c.id == session_id).values(chat_id=chat_id)
+                    update(sessions_table)
+                    .where(sessions_table.c.id == session_id)
+                    .values(chat_id=chat_id, ids_updated_at=now)
                 )
             info = self._select(conn, session_id)
         assert info is not None
@@ -221,7 +246,13 @@ class SessionManager:
                 result = conn.execute(
                     update(sessions_table)
                     .where(table.id == session_id)
-                    .values(updated_at=now, last_accessed=now, expires_at=now + self.ttl_ms, **values)
+                    .values(
+                        updated_at=now,
+                        last_accessed=now,
+                        expires_at=now + self.ttl_ms,
+                        ids_updated_at=now,  # set by the app now: newer than any exchange before
+                        **values,
+                    )
                 )
             return bool(result.rowcount)
 
@@ -327,4 +358,5 @@ def session_row(
         "updated_at": now,
         "last_accessed": now,
         "expires_at": now + ttl_ms,
+        "ids_updated_at": None,
     }

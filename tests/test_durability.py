@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import threading
 import time
@@ -17,12 +18,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from support import serve, stored_exchanges
+from support import serve, stored_exchanges, stored_sessions
 
 from qwen_persist import PersistenceMiddleware, current_exchange
 from qwen_persist.engine import make_engine
 from qwen_persist.migrate import upgrade
-from qwen_persist.records import CapturedRequest, request_op
+from qwen_persist.records import CapturedRequest, CapturedResponse, Reports, request_op, response_op
 from qwen_persist.repository import write_ops
 from qwen_persist.sessions import now_ms
 
@@ -180,3 +181,87 @@ def test_session_answers_within_its_bound_while_the_database_is_locked(
     # The old bound was the database's: 10 s on a locked SQLite file. Now one second, plus scheduling.
     assert len(waits) == 1 and waits[0] < 3.0
     assert len(stored_exchanges(sqlite_url)) == 1  # and nothing was lost
+
+
+def exchange(
+    capture_id: str, request_id: str, arrived: int, *, session: str = "s1", parent_id: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request and response ops of one exchange, as a middleware in some process would make them."""
+    request = CapturedRequest(
+        request_id=request_id,
+        arrived_ms=arrived,
+        method="POST",
+        path="/v1/chat/completions",
+        body=b'{"model":"m","messages":[{"role":"user","content":"hi"}]}',
+        body_size=0,
+        body_truncated=False,
+        session_header=session,
+        key_fingerprint=None,
+        capture_id=capture_id,
+    )
+    op, facts = request_op(request, ttl_ms=3_600_000)
+    response = CapturedResponse(
+        request_id=request_id,
+        capture_id=capture_id,
+        status_code=200,
+        streamed=False,
+        body=json.dumps(ANSWER).encode(),
+        body_size=0,
+        body_truncated=False,
+        ended_ms=arrived + 5,
+        duration_ms=5,
+        first_byte_ms=1,
+        request=facts,
+        reports=Reports(parent_id=parent_id, chat_id="chat-1" if parent_id else None),
+    )
+    return op, response_op(response)
+
+
+def store(database_url: str, *batches: list[dict[str, Any]]) -> list[Any]:
+    engine = make_engine(database_url)
+    try:
+        outcomes = []
+        for batch in batches:
+            with engine.begin() as conn:
+                outcomes.append(write_ops(conn, batch))
+        return outcomes
+    finally:
+        engine.dispose()
+
+
+def test_two_replicas_with_one_client_id_in_one_millisecond_both_stored(database_url: str) -> None:
+    upgrade(database_url)
+    now = now_ms()
+    a_request, a_response = exchange("replica-a-1", "client-id", now)
+    b_request, b_response = exchange("replica-b-1", "client-id", now)
+    # Each replica writes its request first; the responses come in later batches (or a journal).
+    store(database_url, [a_request], [b_request], [b_response], [a_response])
+    rows = stored_exchanges(database_url)
+    assert len(rows) == 2 and all(response is not None for _, response in rows)
+    ids = sorted(request.request_id for request, _ in rows)
+    assert "client-id" in ids and len(set(ids)) == 2
+    renamed = next(request for request, _ in rows if request.request_id != "client-id")
+    assert renamed.metadata_ == {"client_request_id": "client-id"}
+    # The same records again (a journal replayed twice, a retry after an unclear commit): nothing new.
+    outcomes = store(database_url, [a_request, b_request, a_response, b_response])
+    assert (outcomes[0].written, outcomes[0].duplicates) == (0, 4)
+    assert len(stored_exchanges(database_url)) == 2
+
+
+def test_session_ids_only_move_forward(database_url: str) -> None:
+    upgrade(database_url)
+    now = now_ms()
+    old_request, old_response = exchange("p-1", "r-old", now, parent_id="parent-old")
+    new_request, new_response = exchange("p-2", "r-new", now + 1000, parent_id="parent-new")
+    # Delivered newest first: separate batches, then one batch, then a replay of the old turn alone.
+    store(database_url, [old_request], [new_request, new_response], [old_response])
+    session = stored_sessions(database_url)["s1"]
+    assert (session.parent_id, session.ids_updated_at) == ("parent-new", now + 1000)
+    older_request, older_response = exchange("p-3", "r-3", now - 5000, parent_id="parent-older")
+    store(database_url, [older_request], [older_response])
+    assert stored_sessions(database_url)["s1"].parent_id == "parent-new"
+    # In one batch, in either order.
+    fresh = [*exchange("q-1", "q-new", now + 2000, session="s2", parent_id="p-new")]
+    stale = [*exchange("q-2", "q-old", now, session="s2", parent_id="p-old")]
+    store(database_url, fresh + stale)
+    assert stored_sessions(database_url)["s2"].parent_id == "p-new"

@@ -339,6 +339,20 @@ RESPONSE_COLUMNS = [
 ]
 
 
+# The Node tool's sessions table: ours as of its schema version 2, before qwen_persist's own additions.
+NODE_SESSION_COLUMNS = [
+    "id",
+    "chat_id",
+    "parent_id",
+    "first_user_message",
+    "message_count",
+    "created_at",
+    "updated_at",
+    "last_accessed",
+    "expires_at",
+]
+
+
 def insert(connection: Any, table: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
     names = ", ".join(columns)
     marks = ", ".join(f":{column}" for column in columns)
@@ -356,7 +370,7 @@ def node_url(request: pytest.FixtureRequest, database_url: str) -> Iterator[tupl
                 connection.execute(text(statement))
             connection.execute(text("INSERT INTO metadata VALUES ('schema_version', '2', 1761869400000)"))
             connection.execute(text("INSERT INTO settings VALUES ('active_provider', 'qwen', 1761869400)"))
-            insert(connection, "sessions", [c.name for c in sessions_table.columns], NODE_SESSIONS)
+            insert(connection, "sessions", NODE_SESSION_COLUMNS, NODE_SESSIONS)
             columns = [c for c in REQUEST_COLUMNS if with_route or c not in ("method", "path")]
             rows = [
                 tuple(v for c, v in zip(REQUEST_COLUMNS, row, strict=True) if c in columns)
@@ -388,7 +402,10 @@ def test_node_v2_database_is_adopted_without_loss(node_url: tuple[str, bool]) ->
     assert rows_of(url, "SELECT key, value FROM settings") == [("active_provider", "qwen")]
 
     sessions = by_id(url, sessions_table)
-    assert [tuple(sessions[row[0]].values()) for row in NODE_SESSIONS] == NODE_SESSIONS
+    assert [
+        tuple(sessions[row[0]][c] for c in NODE_SESSION_COLUMNS) for row in NODE_SESSIONS
+    ] == NODE_SESSIONS
+    assert all(session["ids_updated_at"] is None for session in sessions.values())  # unknown, not invented
 
     requests = by_id(url, requests_table)
     assert sorted(requests) == [7, 8, 12]

@@ -18,7 +18,13 @@ from qwen_persist.cli import main
 from qwen_persist.engine import DATABASE_URL_ENV, make_engine
 from qwen_persist.models import TABLE_NAMES
 
-REVISIONS = ["0001_v1_baseline", "0002_split_tables", "0003_adopt_node_v2", "0004_response_headers"]
+REVISIONS = [
+    "0001_v1_baseline",
+    "0002_split_tables",
+    "0003_adopt_node_v2",
+    "0004_response_headers",
+    "0005_capture_identity",
+]
 
 
 def tables(url: str) -> set[str]:
@@ -274,12 +280,12 @@ def test_cli_db_commands(database_url: str, capsys: pytest.CaptureFixture[str]) 
     status, out, _ = run_cli(capsys, "db", "upgrade", "0002_split_tables", "--database-url", database_url)
     assert status == 0 and "to 0002_split_tables" in out
     status, out, _ = run_cli(capsys, "db", "upgrade", "--database-url", database_url)
-    assert status == 0 and "to 0004_response_headers" in out
+    assert status == 0 and "to 0005_capture_identity" in out
     status, out, _ = run_cli(capsys, "db", "upgrade", "--database-url", database_url)
-    assert status == 0 and "already at 0004_response_headers" in out
+    assert status == 0 and "already at 0005_capture_identity" in out
 
     status, out, _ = run_cli(capsys, "db", "current", "--database-url", database_url)
-    assert (status, out.strip()) == (0, "0004_response_headers (head)")
+    assert (status, out.strip()) == (0, "0005_capture_identity (head)")
 
     status, out, _ = run_cli(capsys, "db", "history", "--database-url", database_url)
     lines = out.strip().splitlines()
