@@ -13,6 +13,8 @@ from . import jsonlib
 DATABASE_URL_ENV = "QWEN_PERSIST_DATABASE_URL"
 DEFAULT_DATABASE_URL = "sqlite:///qwen_persist.db"
 SQLITE_BUSY_TIMEOUT_MS = 5000
+CONNECT_TIMEOUT = 5  # seconds; libpq's own default is to wait forever
+WRITER_STATEMENT_TIMEOUT = 30.0  # seconds; the writer's batches take milliseconds
 
 
 def resolve_database_url(database_url: str | None = None) -> str:
@@ -48,8 +50,15 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def make_engine(database_url: str | URL | None = None, **kwargs: Any) -> Engine:
-    """Create an engine for ``database_url`` (resolved as :func:`resolve_database_url` says)."""
+def make_engine(
+    database_url: str | URL | None = None, *, statement_timeout: float | None = None, **kwargs: Any
+) -> Engine:
+    """Create an engine for ``database_url`` (resolved as :func:`resolve_database_url` says).
+
+    On PostgreSQL a connection attempt gives up after `CONNECT_TIMEOUT` seconds (unless the URL sets
+    ``connect_timeout``), so a server that accepts TCP and never answers cannot hold a caller for
+    minutes; ``statement_timeout`` (seconds) bounds every statement on the server side too.
+    """
     url = normalize_url(database_url if database_url is not None else resolve_database_url())
     kwargs.setdefault("json_serializer", jsonlib.dumps)
     kwargs.setdefault("json_deserializer", jsonlib.loads)
@@ -58,4 +67,10 @@ def make_engine(database_url: str | URL | None = None, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _on_sqlite_connect)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kwargs)
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    if "connect_timeout" not in url.query:
+        connect_args.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    if statement_timeout is not None:
+        # A server-side bound: it ends a statement stuck on a lock or a slow disk.
+        connect_args.setdefault("options", f"-c statement_timeout={int(statement_timeout * 1000)}")
+    return create_engine(url, connect_args=connect_args, **kwargs)
