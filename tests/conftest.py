@@ -7,6 +7,7 @@ PostgreSQL half; each test then gets a database of its own, created and dropped 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from sqlalchemy import text
 from qwen_persist.engine import make_engine, normalize_url
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 POSTGRES_URL_ENV = "QWEN_PERSIST_TEST_POSTGRES_URL"
 
 # The examples (fake upstream, proxies) are plain scripts; tests import them as modules.
@@ -71,8 +72,16 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def legacy_fixture() -> Path:
+def legacy_fixture(tmp_path: Path) -> Path:
+    """A private copy of the Node.js original's v1 database (``tests/fixtures``, shipped with the tests).
+
+    The file is in WAL mode: SQLite opening it, even read-only, creates ``-wal``/``-shm`` files beside it.
+    Tests get a copy so the checkout is never written to (and may be read-only).
+    """
     path = FIXTURES / "provider-router-v1.db"
     if not path.exists():
         pytest.fail(f"legacy fixture missing: {path}")
-    return path
+    copy = tmp_path / "fixture" / path.name
+    copy.parent.mkdir()
+    shutil.copyfile(path, copy)
+    return copy
