@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from sqlalchemy import text
 
 from qwen_persist.engine import make_engine, normalize_url
@@ -26,6 +27,32 @@ POSTGRES_URL_ENV = "QWEN_PERSIST_TEST_POSTGRES_URL"
 sys.path.insert(0, str(ROOT / "examples"))
 
 BACKENDS = ["sqlite", "postgresql"]
+
+# Hypothesis: every run of the suite, CI's and a developer's alike, uses the "ci" profile, so a verdict
+# depends on the code alone, not on how busy the machine is or on what earlier runs found. The property
+# tests' own @settings (example counts) still apply on top of it.
+# * No deadline and no too_slow health check: both time examples on the wall clock, and a loaded 2-core
+#   machine makes slow examples out of correct code. The other health checks count, not time, and stay.
+# * derandomize: the examples are derived from each test's source, so every run checks the same ones and
+#   a failure in CI fails again anywhere. A fixed example database would not give that: it only replays
+#   past failures, it lives beside the checkout (a fresh clone has none), and it changes as runs go on.
+#   Hence no database, and print_blob so a failure prints the @reproduce_failure line that replays it.
+# Exploring new examples is a deliberate act: `python -m pytest --hypothesis-profile=explore` (random
+# examples, the local example database), or --hypothesis-seed with that profile.
+settings.register_profile(
+    "ci",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+    database=None,
+    print_blob=True,
+)
+settings.register_profile(
+    "explore",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("ci")
 
 
 def _postgres_admin_url() -> str | None:
