@@ -7,24 +7,52 @@ PostgreSQL half; each test then gets a database of its own, created and dropped 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from sqlalchemy import text
 
 from qwen_persist.engine import make_engine, normalize_url
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 POSTGRES_URL_ENV = "QWEN_PERSIST_TEST_POSTGRES_URL"
 
 # The examples (fake upstream, proxies) are plain scripts; tests import them as modules.
 sys.path.insert(0, str(ROOT / "examples"))
 
 BACKENDS = ["sqlite", "postgresql"]
+
+# Hypothesis: every run of the suite, CI's and a developer's alike, uses the "ci" profile, so a verdict
+# depends on the code alone, not on how busy the machine is or on what earlier runs found. The property
+# tests' own @settings (example counts) still apply on top of it.
+# * No deadline and no too_slow health check: both time examples on the wall clock, and a loaded 2-core
+#   machine makes slow examples out of correct code. The other health checks count, not time, and stay.
+# * derandomize: the examples are derived from each test's source, so every run checks the same ones and
+#   a failure in CI fails again anywhere. A fixed example database would not give that: it only replays
+#   past failures, it lives beside the checkout (a fresh clone has none), and it changes as runs go on.
+#   Hence no database, and print_blob so a failure prints the @reproduce_failure line that replays it.
+# Exploring new examples is a deliberate act: `python -m pytest --hypothesis-profile=explore` (random
+# examples, the local example database), or --hypothesis-seed with that profile.
+settings.register_profile(
+    "ci",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+    database=None,
+    print_blob=True,
+)
+settings.register_profile(
+    "explore",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("ci")
 
 
 def _postgres_admin_url() -> str | None:
@@ -71,8 +99,16 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def legacy_fixture() -> Path:
+def legacy_fixture(tmp_path: Path) -> Path:
+    """A private copy of the Node.js original's v1 database (``tests/fixtures``, shipped with the tests).
+
+    The file is in WAL mode: SQLite opening it, even read-only, creates ``-wal``/``-shm`` files beside it.
+    Tests get a copy so the checkout is never written to (and may be read-only).
+    """
     path = FIXTURES / "provider-router-v1.db"
     if not path.exists():
         pytest.fail(f"legacy fixture missing: {path}")
-    return path
+    copy = tmp_path / "fixture" / path.name
+    copy.parent.mkdir()
+    shutil.copyfile(path, copy)
+    return copy

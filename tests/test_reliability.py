@@ -24,6 +24,7 @@ from support import ROOT, serve, stored_exchanges
 
 from qwen_persist import PersistenceMiddleware
 from qwen_persist.cli import main as cli
+from qwen_persist.engine import SQLITE_BUSY_TIMEOUT_MS
 from qwen_persist.migrate import upgrade
 
 USER = [{"role": "user", "content": "hello there"}]
@@ -158,8 +159,10 @@ def test_locked_sqlite_database_slows_no_request_and_loses_nothing(
             statuses = [http.post(f"{base}/v1/chat/completions", json=BODY).status_code for _ in range(20)]
             elapsed = time.monotonic() - started
             assert statuses == [200] * 20
-            # All answered while the database was still locked: traffic did not wait for it.
-            assert elapsed < 2.0
+            # All answered while the database was still locked: traffic did not wait for it. A request
+            # that waited for the lock would alone take the whole busy timeout, whereas how long 20
+            # requests take depends on how busy the machine is: the bound is the former.
+            assert elapsed < SQLITE_BUSY_TIMEOUT_MS / 1000
         finally:
             locker.execute("COMMIT")
             locker.close()
