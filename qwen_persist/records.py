@@ -307,7 +307,7 @@ def response_op(
     if reports.provider is not None:
         request_update["provider"] = _text(reports.provider)
     if reports.metadata:
-        request_update["metadata"] = _reported(reports.metadata, "metadata", None)
+        request_update["metadata"] = _reported(reports.metadata, "metadata", redaction)
     if request_update:
         op["request_update"] = request_update
     return op

@@ -17,7 +17,8 @@ log = logging.getLogger("qwen_persist")
 
 # A redaction hook gets a value about to be stored and its kind, and returns what to store instead
 # (None: store nothing). Kinds and their values: "request", "response", "provider_request",
-# "provider_response" (parsed JSON documents), "first_user_message" and "error" (strings).
+# "provider_response", "metadata" (parsed JSON documents; metadata is what the app reports through the
+# exchange handle), "first_user_message" and "error" (strings).
 Redactor = Callable[[Any, str], Any]
 
 DEFAULT_REDACT_FIELDS = (

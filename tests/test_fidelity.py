@@ -426,7 +426,7 @@ def reporting_app() -> Starlette:
         exchange.report(
             provider_request={"prompt": "SECRET prompt", "api_key": "sk-upstream"},
             provider_response={"raw": "SECRET answer"},
-            metadata={"note": "fine"},
+            metadata={"note": "fine SECRET"},
         )
         if body.get("model") == "fail":
             return JSONResponse({"error": {"message": "bad SECRET in request"}}, status_code=400)
@@ -458,6 +458,7 @@ def test_redaction_reaches_every_stored_text(migrated_url: str, tmp_path: Path) 
         and request.openai_request["extra"]["keep"] == "this"
     )
     assert request.qwen_request == {"prompt": "[x] prompt", "api_key": "[redacted]"}
+    assert request.metadata_ == {"note": "fine [x]"}
     assert response is not None and response.qwen_response == {"raw": "[x] answer"}
     assert failed is not None and failed.error == "bad [x] in request"
     assert stored_sessions(migrated_url)[request.session_id].first_user_message == "my [x] question"
