@@ -8,6 +8,7 @@ read-only directory is tried too when they do not.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import signal
@@ -439,6 +440,39 @@ def test_a_released_segment_can_be_claimed_again_and_a_held_one_cannot(tmp_path:
     assert not again.held
     with pytest.raises(RuntimeError):
         list(again.records())
+
+
+@pytest.mark.parametrize("finish", ["done", "set aside"])
+def test_a_segment_finished_between_anothers_open_and_lock_is_not_claimed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, finish: str
+) -> None:
+    """The race a claimer loses: it opens a file, the holder deletes (or sets aside) and unlocks it, then
+    the claimer's lock succeeds, on a file that is no longer the journal's. Forced by running the holder's
+    step inside the claimer's flock call."""
+    journal = Journal(tmp_path)
+    journal.append([op(0)])
+    [segment] = journal.claim()
+    real_flock = fcntl.flock
+
+    def holder_finishes_first(fd: int, operation: int) -> None:
+        if segment.held and operation & fcntl.LOCK_NB:
+            if finish == "done":
+                segment.done()
+            else:
+                with segment.path.open("r+b") as handle:
+                    handle.write(b"X")
+                assert list(segment.records()) == []
+                segment.release()
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", holder_finishes_first)
+    other = Journal(tmp_path)
+    caplog.clear()
+    assert other.claim() == []
+    assert not segment.held
+    assert other.corrupt == 0
+    # Only the holder's own warning when it set the file aside: the other did not touch what was gone.
+    assert len(caplog.records) == (1 if finish == "set aside" else 0)
 
 
 def test_pending_follows_the_journal(tmp_path: Path) -> None:
