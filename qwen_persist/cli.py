@@ -159,7 +159,7 @@ def _replay(args: argparse.Namespace) -> int:
     paths = [Path(name) for name in args.files]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
-        raise CLIError(f"no such spill file: {', '.join(missing)}")
+        raise CLIError(f"no such file: {', '.join(missing)}")
     engine = _database_errors(url, lambda: make_engine(url))
     try:
         outcome = _database_errors(url, lambda: replay(engine, paths))
@@ -169,18 +169,28 @@ def _replay(args: argparse.Namespace) -> int:
         engine.dispose()
     print(
         f"{_safe_url(url)}: {outcome.written} records written, "
-        f"{outcome.duplicates} already stored, {len(outcome.orphans)} responses without a request"
+        f"{outcome.duplicates} already stored, {len(outcome.orphans)} responses without a request, "
+        f"{len(outcome.rejected)} rejected, {outcome.corrupt} corrupt skipped"
     )
     for op in outcome.orphans:
         print(f"  no request row for response of request_id {op['request_id']}", file=sys.stderr)
-    return 1 if outcome.orphans else 0
+    for op, error in outcome.rejected:
+        print(
+            f"  rejected {op['op']} {op.get('request_id') or op['request']['request_id']}: {error}",
+            file=sys.stderr,
+        )
+    return 1 if outcome.orphans or outcome.rejected else 0
 
 
 def add_replay_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     replay = commands.add_parser(
-        "replay", help="load spill files into the database (idempotent: stored records are skipped)"
+        "replay",
+        help="load journal files into a database, e.g. another store (idempotent: stored records are "
+        "skipped; the middleware loads its own journal by itself)",
     )
-    replay.add_argument("files", nargs="+", metavar="FILE", help="spill file(s) written by the middleware")
+    replay.add_argument(
+        "files", nargs="+", metavar="FILE", help="journal segments (journal-*.log) or older spill files"
+    )
     add_database_url_option(replay)
     replay.set_defaults(handler=_replay)
 

@@ -45,6 +45,7 @@ SECRET_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "set-cookie", "api-key", "x-api-key"}
 )
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+DEFAULT_SPILL_MAX_BYTES = 2 * 1024**3
 DEFAULT_SESSION_HEADER = "x-session-id"
 DEFAULT_SESSION_TTL = 30 * 60.0
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -74,6 +75,7 @@ class Settings:
     redact_fields: frozenset[str] = frozenset(DEFAULT_REDACT_FIELDS)
     response_headers: frozenset[str] = frozenset(DEFAULT_RESPONSE_HEADERS)
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES
 
     @property
     def session_ttl_ms(self) -> int:
@@ -170,6 +172,7 @@ def build_settings(
     redact_fields: Iterable[str] | None = None,
     response_headers: Iterable[str] | None = None,
     shutdown_timeout: float | None = None,
+    spill_max_bytes: int | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Resolve every option (argument, else environment, else default) and fail on nonsense."""
@@ -274,6 +277,14 @@ def build_settings(
             DEFAULT_SHUTDOWN_TIMEOUT,
             integer=False,
             minimum=0,
+        ),
+        spill_max_bytes=_number(
+            "spill_max_bytes",
+            spill_max_bytes,
+            _env("SPILL_MAX_BYTES", env),
+            DEFAULT_SPILL_MAX_BYTES,
+            integer=True,
+            minimum=1024 * 1024,
         ),
     )
 

@@ -107,7 +107,7 @@ def _encode(op: Op) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
-def _decode(line: bytes) -> Op | None:
+def decode_record(line: bytes) -> Op | None:
     """The op a record line holds, or None when the line is torn or corrupt."""
     if len(line) < 10 or line[8:9] != b" " or not line.endswith(b"\n"):
         return None
@@ -574,7 +574,7 @@ class Segment:
                 return
             # Checked before each read: once released, the descriptor may belong to another file.
             while self._fd == fd and (line := reader.readline()):
-                op = _decode(line)
+                op = decode_record(line)
                 if op is None:
                     self.corrupt += 1
                     with self._journal._lock:

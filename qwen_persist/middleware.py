@@ -68,6 +68,7 @@ class PersistenceMiddleware:
         redact_fields: Iterable[str] | None = None,
         response_headers: Iterable[str] | None = None,
         shutdown_timeout: float | None = None,
+        spill_max_bytes: int | None = None,
     ) -> None:
         self.app = app
         try:
@@ -86,6 +87,7 @@ class PersistenceMiddleware:
                 redact_fields=redact_fields,
                 response_headers=response_headers,
                 shutdown_timeout=shutdown_timeout,
+                spill_max_bytes=spill_max_bytes,
             )
             try:
                 self.engine = make_engine(

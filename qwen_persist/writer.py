@@ -1,9 +1,23 @@
 """The background writer: takes captured exchanges off the request path and stores them in batches.
 
-A bounded queue feeds one thread. The thread rebuilds each exchange (`records.py`) and writes a batch
-in one transaction (`repository.py`). While the database is down or locked the batch is retried with
-backoff and new records wait in the queue; when the queue is full, records go to the spill file
-instead. Nothing is dropped silently: every record is counted as written, spilled or failed.
+A bounded queue feeds one thread. The thread rebuilds each exchange (`records.py`) and writes a batch in
+one transaction (`repository.py`). What the database cannot take promptly goes to the journal
+(`journal.py`, in ``spill_dir``), an append-only, checksummed on-disk buffer fsynced once per batch:
+
+* **Outage.** A batch that fails with a transient error (connection refused or lost, a lock, a timeout,
+  the schema not migrated yet) is journaled at once, and until the database answers again every batch
+  is journaled instead of held in memory, so a kill during an outage loses at most the batch being
+  gathered. The database is probed with backoff (up to `MAX_BACKOFF`).
+* **Recovery.** Whenever the journal holds anything (this process's outage, or segments an earlier
+  process or a crash left behind, found at start-up) and the database answers, the writer loads it back
+  in order, a slice at a time between live batches. Loading is idempotent (capture ids), so a segment
+  read twice after a crash stores nothing twice. A record the database rejects for good goes to a
+  dead-letter file with its error; the rest go on.
+* **Shutdown** is bounded by ``shutdown_timeout``: what is not stored by then (the queue, and a batch
+  stuck in a hung database call) is journaled by the closing thread, and the next start-up stores it.
+
+Nothing is dropped silently: every record is counted as written, journaled (and later written), or
+failed, and the thread restarts itself if it ever stops.
 """
 
 from __future__ import annotations
@@ -12,10 +26,12 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +40,9 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .config import Settings
+from .engine import SQLITE_BUSY_TIMEOUT_MS
 from .gil import yield_gil
+from .journal import Journal, JournalFull, Segment
 from .records import (
     CapturedRequest,
     CapturedResponse,
@@ -36,13 +54,15 @@ from .records import (
 )
 from .redaction import Redaction
 from .repository import Op, write_ops
-from .spill import SpillFile
 
 log = logging.getLogger("qwen_persist")
 
 Record = CapturedRequest | CapturedResponse
 MAX_BACKOFF = 5.0
-SPILL_LOG_INTERVAL = 10.0  # seconds between "records spilled" warnings of one kind
+LOG_INTERVAL = 10.0  # seconds between warnings of one kind
+IDLE_CHECK = 1.0  # seconds between looks at the journal while no record arrives
+RECOVERY_SLICE = 4  # journal batches loaded between two live batches, so live records never wait long
+ORPHAN_TIMEOUT = 60.0  # seconds a response waits for its request before it is set aside
 # PostgreSQL "undefined_table": the schema is not migrated yet; like a locked SQLite file, it can heal.
 _TRANSIENT_SQLSTATES = {"42P01"}
 
@@ -50,13 +70,16 @@ _TRANSIENT_SQLSTATES = {"42P01"}
 @dataclass(frozen=True, slots=True)
 class WriterStats:
     accepted: int  # records handed to the writer
-    written: int  # records stored in the database
-    spilled: int  # records written to the spill file instead
-    failed: int  # records the database rejected (kept in the spill file)
-    duplicates: int  # records found already stored (replays)
-    retries: int  # batch attempts that failed and were retried
+    written: int  # records stored in the database (directly or from the journal)
+    spilled: int  # records put in the journal, to be stored later
+    failed: int  # records set aside in a dead-letter file, or lost (the journal full or unwritable)
+    duplicates: int  # records found already stored (a journal read twice, a replay)
+    retries: int  # times the database was found unavailable (an outage began, or a probe failed)
     queue_depth: int
     restarts: int = 0  # times the writer thread was found stopped and started again
+    replayed: int = 0  # records loaded back from the journal (stored now, or found stored)
+    buffered_bytes: int = 0  # bytes of journal in spill_dir, as this writer last saw it
+    corrupt: int = 0  # torn or corrupt journal records skipped
 
 
 class _Barrier:
@@ -70,7 +93,8 @@ _STOP = object()
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors that a later attempt can get past: connection loss, locks, a schema not yet migrated."""
+    """Errors that a later attempt can get past: connection loss, locks, timeouts, a schema not yet
+    migrated."""
     if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError):
         return True
     if isinstance(exc, DBAPIError):
@@ -78,23 +102,36 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+class _Unavailable(Exception):
+    """The database cannot take a batch now (the transient error is the cause)."""
+
+
 class Writer:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_size)
-        self._spill = SpillFile(settings.spill_dir)
+        self._journal_lock = threading.Lock()
+        self._journal: Journal | None = None  # opened on first use, in the process that uses it
         self._wakeup = threading.Event()
-        self._abandon = threading.Event()  # shutdown timed out: spill instead of retrying
+        self._abandon = threading.Event()  # shutdown timed out: journal instead of writing
         self._start_lock = threading.Lock()
         self._counter_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._atexit_registered = False
         self._requests: dict[str, RequestFacts] = {}  # request_id -> facts, until its response comes
         self._renames: dict[str, str] = {}
-        self._spill_logged: dict[str, float] = {}
+        self._logged: dict[str, float] = {}
+        self._inflight: list[Op] = []  # the batch being stored: journaled by close() if it hangs
+        self._outage = False
+        self._attempts = 0
+        self._next_probe = 0.0
+        self._orphans: list[Op] = []  # responses whose request is not stored yet
+        self._segments: list[Segment] = []  # journal segments claimed and being loaded, oldest first
+        self._reader: Iterator[Op] | None = None  # the first segment's records still to load
+        self._carry: list[Op] = []  # a journal batch read and not stored yet
         self._accepted = self._written = self._spilled = self._failed = 0
-        self._duplicates = self._retries = self._restarts = 0
+        self._duplicates = self._retries = self._restarts = self._replayed = 0
         self._upgraded = not settings.auto_upgrade
         self._released = False  # the engine's connections closed by close(), until the next start
         self._redaction = Redaction(settings.redact_fields, settings.redact)
@@ -103,7 +140,7 @@ class Writer:
     # -- the request path ------------------------------------------------------------------------
 
     def submit(self, record: Record) -> None:
-        """Hand a record over without blocking; spill it if the queue is full."""
+        """Hand a record over without blocking."""
         thread = self._thread
         if thread is None or not thread.is_alive():
             self._restart(thread)
@@ -111,7 +148,9 @@ class Writer:
         try:
             self._queue.put_nowait(record)
         except queue.Full:
-            self._spill_ops(self._to_ops([record]), reason="queue full")
+            # The writer is far behind (a database call hanging past its timeouts, or no CPU to
+            # spare): rather than hold more in memory, this record goes to the journal from here.
+            self._journal_ops(self._to_ops([record]), reason="queue full")
 
     def feed_stream(self, handoff: StreamHandoff) -> None:
         """Ask the writer thread to rebuild what a large stream has passed so far (skipped if the queue
@@ -120,7 +159,7 @@ class Writer:
             self._queue.put_nowait(handoff)
 
     async def barrier(self, timeout: float = 5.0) -> bool:
-        """Wait until everything submitted before now is stored (or spilled). False on timeout."""
+        """Wait until everything submitted before now is stored (or journaled). False on timeout."""
         if self._thread is None:
             return True
         marker = _Barrier()
@@ -161,33 +200,32 @@ class Writer:
                 self._atexit_registered = True
 
     def close(self, timeout: float | None = None) -> WriterStats:
-        """Store everything queued, then stop. After ``timeout`` seconds (default: the
-        ``shutdown_timeout`` option), spill what is left."""
+        """Store everything queued, then stop, within ``timeout`` seconds (default: the
+        ``shutdown_timeout`` option); what is not stored by then is in the journal when this returns."""
         if timeout is None:
             timeout = self.settings.shutdown_timeout
+        deadline = time.monotonic() + timeout
         thread = self._thread
         if thread is not None and thread.is_alive():
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    self._queue.put(_STOP, timeout=0.1)
-                    break
-                except queue.Full:
-                    if time.monotonic() > deadline:
-                        self._abandon.set()
+            with contextlib.suppress(queue.Full):  # a full queue is journaled below
+                self._queue.put_nowait(_STOP)
             self._wakeup.set()
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
+                # The database is slow or hangs: stop writing, and journal what is left from here.
                 self._abandon.set()
                 self._wakeup.set()
-                thread.join()
+                self._evacuate()
+                thread.join(0.2)  # it may be done with what it held; if it hangs, it is a daemon
         self._thread = None
-        self._spill.close()
-        if not self._released:
+        with self._journal_lock:
+            if self._journal is not None:
+                self._journal.close()
+        if not self._released and (thread is None or not thread.is_alive()):
             self._release_database()
         stats = self.stats()
         log.info(
-            "qwen_persist writer stopped: accepted=%d written=%d spilled=%d failed=%d duplicates=%d",
+            "qwen_persist writer stopped: accepted=%d written=%d journaled=%d failed=%d duplicates=%d",
             stats.accepted,
             stats.written,
             stats.spilled,
@@ -195,6 +233,21 @@ class Writer:
             stats.duplicates,
         )
         return stats
+
+    def _evacuate(self) -> None:
+        """Journal the batch the writer thread is stuck on and everything still queued. Either may also
+        reach the database later, if the thread gets through: loading is idempotent."""
+        ops = list(self._inflight)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Barrier):
+                _complete(item)
+            elif isinstance(item, CapturedRequest | CapturedResponse):
+                ops.extend(self._to_ops([item]))
+        self._journal_ops(ops, reason="database unavailable at shutdown")
 
     def _release_database(self) -> None:
         """Close the pool's connections. On SQLite, first fold the write-ahead log into the database
@@ -214,6 +267,7 @@ class Writer:
         return await asyncio.to_thread(self.close, timeout)
 
     def stats(self) -> WriterStats:
+        journal = self._journal
         return WriterStats(
             accepted=self._accepted,
             written=self._written,
@@ -223,6 +277,9 @@ class Writer:
             retries=self._retries,
             queue_depth=self._queue.qsize(),
             restarts=self._restarts,
+            replayed=self._replayed,
+            buffered_bytes=journal.size if journal is not None else 0,
+            corrupt=journal.corrupt if journal is not None else 0,
         )
 
     # -- the writer thread -----------------------------------------------------------------------
@@ -230,47 +287,72 @@ class Writer:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            items = [first]
-            if (
-                first is not _STOP
-                and not isinstance(first, _Barrier)
-                and self._queue.qsize() < self.settings.batch_size - 1
-            ):
-                # Let a batch gather: one wake-up per interval, not per record, keeps the GIL with
-                # the event loop. A barrier or shutdown cuts the wait short, and so does a full batch
-                # already waiting (under load, sleeping would cap throughput at batch_size/interval).
-                self._wakeup.wait(self.settings.flush_interval)
-            self._wakeup.clear()
-            while len(items) < self.settings.batch_size:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            items = self._gather()
             stopping = any(item is _STOP for item in items)
             try:
                 self._handle(items)
+                self._park_orphans()
+                if not self._abandon.is_set():
+                    self._recover(everything=stopping)
+            except Exception:  # never let the thread die: a dead writer would lose everything after
+                log.exception("qwen_persist writer: unexpected error")
             finally:
                 for item in items:
-                    # The app may have given up on its barrier (a cancelled wait): never complete a
-                    # cancelled future, which raises and would end this thread.
-                    if isinstance(item, _Barrier) and item.future.set_running_or_notify_cancel():
-                        item.future.set_result(None)
+                    if isinstance(item, _Barrier):
+                        _complete(item)
+        self._release_segments()
+
+    def _gather(self) -> list[Any]:
+        """The next batch: wait for a record, then let a batch gather for one flush interval (one
+        wake-up per interval, not per record, keeps the GIL with the event loop)."""
+        try:
+            first = self._queue.get(timeout=self._idle_wait())
+        except queue.Empty:
+            return []
+        items = [first]
+        if (
+            first is not _STOP
+            and not isinstance(first, _Barrier)
+            and self._queue.qsize() < self.settings.batch_size - 1
+        ):
+            # A barrier or shutdown cuts the wait short, and so does a full batch already waiting
+            # (under load, sleeping would cap throughput at batch_size/interval).
+            self._wakeup.wait(self.settings.flush_interval)
+        self._wakeup.clear()
+        while len(items) < self.settings.batch_size:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _idle_wait(self) -> float:
+        if self._outage:
+            return max(0.01, self._next_probe - time.monotonic())
+        return IDLE_CHECK
 
     def _handle(self, items: list[Any]) -> None:
         records: list[Record] = []
-        ops: list[Op] = []
+        for item in items:
+            if isinstance(item, StreamHandoff):
+                item.drain()
+            elif isinstance(item, CapturedRequest | CapturedResponse):
+                records.append(item)
+        ops = self._to_ops(records)
+        if not ops:
+            return
+        self._inflight = ops
         try:
-            for item in items:
-                if isinstance(item, StreamHandoff):
-                    item.drain()
-                elif isinstance(item, CapturedRequest | CapturedResponse):
-                    records.append(item)
-            ops = self._to_ops(records)
-            self._write(ops)
-        except Exception:  # never let the thread die: a dead writer would lose everything after
-            log.exception("qwen_persist writer: unexpected error; records spilled")
-            self._spill_ops(ops or self._to_ops(records), reason="writer error")
+            if self._outage or self._abandon.is_set():
+                self._journal_ops(ops, reason="database unavailable")
+                return
+            try:
+                self._store(ops)
+            except _Unavailable as exc:
+                self._begin_outage(exc.__cause__)
+                self._journal_ops(ops, reason="database unavailable")
+        finally:
+            self._inflight = []
 
     def _to_ops(self, records: list[Record]) -> list[Op]:
         ops: list[Op] = []
@@ -298,57 +380,31 @@ class Writer:
             ops.append(op)
         return ops
 
-    def _write(self, ops: list[Op]) -> None:
-        if not ops:
-            return
-        attempt = 0
-        while True:
-            try:
-                self._ensure_schema()
-                with self.engine.begin() as conn:
-                    outcome = write_ops(conn, ops, self._renames)
-            except SQLAlchemyError as exc:
-                if not is_transient(exc):
-                    self._write_one_by_one(ops, exc)
-                    return
-                if self._abandon.is_set():
-                    self._spill_ops(ops, reason=f"database unavailable at shutdown: {exc.__class__.__name__}")
-                    return
-                attempt += 1
-                with self._counter_lock:
-                    self._retries += 1
-                delay = min(MAX_BACKOFF, 0.05 * 2**attempt)
-                if attempt == 1 or attempt % 10 == 0:
-                    log.warning(
-                        "qwen_persist: database unavailable (%s); %d records waiting, retry %d in %.2fs",
-                        _short(exc),
-                        len(ops) + self._queue.qsize(),
-                        attempt,
-                        delay,
-                    )
-                self._abandon.wait(delay)
-                continue
-            if attempt:
-                log.warning("qwen_persist: database available again after %d retries", attempt)
-            with self._counter_lock:
-                self._written += outcome.written
-                self._duplicates += outcome.duplicates
-            if outcome.orphans:
-                self._spill_ops(outcome.orphans, reason="response without a stored request")
-            return
+    # -- the database ----------------------------------------------------------------------------
 
-    def _write_one_by_one(self, ops: list[Op], cause: SQLAlchemyError) -> None:
-        """A batch the database rejected: find the records at fault, store the rest."""
-        if len(ops) == 1:
-            log.error(
-                "qwen_persist: the database rejected a record (%s); kept in the spill file", _short(cause)
-            )
-            with self._counter_lock:
-                self._failed += 1
-            self._spill_ops(ops, reason="rejected by the database")
+    def _store(self, ops: list[Op]) -> None:
+        """One attempt to store ``ops``. Raises `_Unavailable` when the database cannot take them now;
+        records it rejects for good are set aside one by one, and the rest stored."""
+        try:
+            self._ensure_schema()
+            with self.engine.begin() as conn:
+                outcome = write_ops(conn, ops, self._renames)
+        except SQLAlchemyError as exc:
+            if is_transient(exc):
+                raise _Unavailable from exc
+            if len(ops) == 1:
+                log.error("qwen_persist: the database rejected a record (%s); set aside", _short(exc))
+                self._dead_letter(ops[0], _short(exc))
+                return
+            for op in ops:  # find the records at fault, store the rest
+                self._store([op])
             return
-        for op in ops:
-            self._write([op])
+        with self._counter_lock:
+            self._written += outcome.written
+            self._duplicates += outcome.duplicates
+        # A response whose request is not stored yet (it is in the journal, or still queued): it is
+        # kept for the next recovery pass.
+        self._orphans.extend(outcome.orphans)
 
     def _ensure_schema(self) -> None:
         if self._upgraded:
@@ -358,23 +414,169 @@ class Writer:
         upgrade(self.settings.database_url)
         self._upgraded = True
 
-    def _spill_ops(self, ops: list[Op], *, reason: str) -> None:
+    def _begin_outage(self, cause: BaseException | None) -> None:
+        with self._counter_lock:
+            self._retries += 1
+        self._attempts += 1
+        delay = min(MAX_BACKOFF, 0.05 * 2**self._attempts)
+        self._next_probe = time.monotonic() + delay
+        if not self._outage or self._attempts % 10 == 0:
+            log.warning(
+                "qwen_persist: database unavailable (%s); records go to the journal in %s, next try in %.2fs",
+                _short(cause) if cause is not None else "unknown",
+                self.settings.spill_dir,
+                delay,
+            )
+        self._outage = True
+
+    def _recover(self, *, everything: bool) -> None:
+        """Load the journal back into the database, a slice at a time (all of it when ``everything``, at
+        shutdown, as long as the deadline allows), once the database answers again."""
+        # Probe before claiming: a claim closes this journal's active segment, and claiming at every
+        # try of a long outage would cut the journal into slivers.
+        if self._outage and (time.monotonic() < self._next_probe or not self._probe()):
+            return
+        if not self._segments:
+            journal = self._journal_or_none()
+            if journal is not None and journal.pending():
+                self._segments = journal.claim()
+            if not self._segments:
+                return
+        batches = 0
         try:
-            count = self._spill.append(ops)
-        except OSError:
-            log.exception("qwen_persist: could not spill %d records (%s): they are lost", len(ops), reason)
+            while self._segments:
+                if self._reader is None:
+                    self._reader = self._segments[0].records()
+                batch = self._carry or list(itertools.islice(self._reader, self.settings.batch_size))
+                self._carry = batch  # kept until stored: the database may go away meanwhile
+                if not batch:
+                    self._reader = None
+                    self._segments.pop(0).done()
+                    continue
+                self._store(batch)
+                self._carry = []
+                with self._counter_lock:
+                    self._replayed += len(batch)
+                batches += 1
+                if self._abandon.is_set() or (not everything and batches >= RECOVERY_SLICE):
+                    return  # live records get their turn; the segment stays claimed
+        except _Unavailable as exc:
+            self._begin_outage(exc.__cause__)
+            return
+        finally:
+            self._park_orphans()
+
+    def _release_segments(self) -> None:
+        self._reader = None
+        for segment in self._segments:
+            segment.release()  # read again later, here or by another process: loading is idempotent
+        self._segments = []
+
+    def _park_orphans(self) -> None:
+        """Responses whose request is not stored yet (it may still be queued, or in a journal segment
+        another process holds) go to the journal and are tried again with it; after `ORPHAN_TIMEOUT`
+        seconds one is set aside in the dead-letter file."""
+        orphans, self._orphans = self._orphans, []
+        if not orphans:
+            return
+        now = time.time()
+        waiting: list[Op] = []
+        for op in orphans:
+            since = op.get("orphan_since", now)
+            if now - since > ORPHAN_TIMEOUT:
+                self._dead_letter(op, "response without a stored request")
+            else:
+                waiting.append({**op, "orphan_since": since})
+        self._journal_ops(waiting, reason="response without a stored request yet")
+
+    def _probe(self) -> bool:
+        """Whether the database answers again (which ends the outage)."""
+        try:
+            self._ensure_schema()
+            with self.engine.connect() as conn:
+                if conn.dialect.name == "sqlite":
+                    # A locked file still answers reads: ask for the write lock, briefly.
+                    conn.exec_driver_sql("PRAGMA busy_timeout=100")
+                    try:
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")
+                        conn.exec_driver_sql("ROLLBACK")
+                    finally:
+                        conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+                else:
+                    conn.exec_driver_sql("SELECT 1")
+        except SQLAlchemyError as exc:
+            self._begin_outage(exc)
+            return False
+        log.warning("qwen_persist: database available again; loading the journal")
+        self._outage = False
+        self._attempts = 0
+        return True
+
+    # -- the journal -----------------------------------------------------------------------------
+
+    def _journal_or_none(self) -> Journal | None:
+        with self._journal_lock:
+            if self._journal is None:
+                try:
+                    self._journal = Journal(self.settings.spill_dir, max_bytes=self.settings.spill_max_bytes)
+                except OSError as exc:
+                    self._warn("journal", "qwen_persist: the journal in %s cannot be read: %s", exc)
+            return self._journal
+
+    def _journal_ops(self, ops: list[Op], *, reason: str) -> None:
+        if not ops:
+            return
+        journal = self._journal_or_none()
+        try:
+            if journal is None:
+                raise OSError(f"the journal in {self.settings.spill_dir} cannot be used")
+            count = journal.append(ops)
+        except (OSError, TypeError, ValueError) as exc:
             with self._counter_lock:
                 self._failed += len(ops)
+            full = isinstance(exc, JournalFull)
+            self._warn(
+                "lost",
+                "qwen_persist: %d records LOST (%s) because the journal %s: %s",
+                len(ops),
+                reason,
+                "is full (spill_max_bytes)" if full else "cannot be written",
+                exc,
+                level=logging.ERROR,
+            )
             return
         with self._counter_lock:
             self._spilled += count
-            now = time.monotonic()
-            # One line per reason and interval: a full queue spills every record, and a log line per
-            # record would cost the event loop more than the spill itself.
-            if now - self._spill_logged.get(reason, -SPILL_LOG_INTERVAL) < SPILL_LOG_INTERVAL:
+        self._warn(reason, "qwen_persist: records journaled (%s); %d in all so far", reason, self._spilled)
+
+    def _dead_letter(self, op: Op, error: str) -> None:
+        with self._counter_lock:
+            self._failed += 1
+        journal = self._journal_or_none()
+        try:
+            if journal is None:
+                raise OSError("no journal")
+            path = journal.dead_letter(op, error)
+        except (OSError, TypeError, ValueError) as exc:
+            log.error("qwen_persist: a rejected record could not be set aside either (%s): LOST", exc)
+            return
+        self._warn("dead", "qwen_persist: records the database rejects are set aside in %s", path)
+
+    def _warn(self, kind: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
+        # One line per kind and interval: under a full queue or an outage every batch would log.
+        now = time.monotonic()
+        with self._counter_lock:
+            if now - self._logged.get(kind, -LOG_INTERVAL) < LOG_INTERVAL:
                 return
-            self._spill_logged[reason] = now
-        log.warning("qwen_persist: records spilled (%s); %d spilled in all so far", reason, self._spilled)
+            self._logged[kind] = now
+        log.log(level, message, *args)
+
+
+def _complete(barrier: _Barrier) -> None:
+    # The app may have given up on its barrier (a cancelled wait): never complete a cancelled future,
+    # which raises and would end the writer thread.
+    if barrier.future.set_running_or_notify_cancel():
+        barrier.future.set_result(None)
 
 
 def _short(exc: BaseException) -> str:

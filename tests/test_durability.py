@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import sqlite3
 import threading
 import time
@@ -24,6 +25,7 @@ from qwen_persist import PersistenceMiddleware, current_exchange
 from qwen_persist.engine import make_engine
 from qwen_persist.migrate import upgrade
 from qwen_persist.records import CapturedRequest, CapturedResponse, Reports, request_op, response_op
+from qwen_persist.replay import ReplayOutcome, read_ops, replay
 from qwen_persist.repository import write_ops
 from qwen_persist.sessions import now_ms
 
@@ -265,3 +267,56 @@ def test_session_ids_only_move_forward(database_url: str) -> None:
     stale = [*exchange("q-2", "q-old", now, session="s2", parent_id="p-old")]
     store(database_url, fresh + stale)
     assert stored_sessions(database_url)["s2"].parent_id == "p-new"
+
+
+@pytest.fixture
+def hung_server() -> Any:
+    """A TCP server that accepts connections and never answers: a PostgreSQL that hangs."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"postgresql://root@127.0.0.1:{server.getsockname()[1]}/test"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+def test_shutdown_is_bounded_when_the_database_hangs(
+    hung_server: str, database_url: str, tmp_path: Path
+) -> None:
+    spill = tmp_path / "spill"
+    middleware = PersistenceMiddleware(impatient_app(), database_url=hung_server, spill_dir=str(spill))
+
+    async def run() -> float:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(middleware), base_url="http://t"
+        ) as client:
+            for i in range(20):
+                body = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}
+                assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        started = time.monotonic()
+        await middleware.aclose(timeout=1.0)
+        return time.monotonic() - started
+
+    elapsed = asyncio.run(run())
+    assert elapsed < 3.0  # the connect timeout alone is 5 s; the shutdown bound is what counts
+    outcome = ReplayOutcome()
+    ops = [op for path in sorted(spill.glob("journal-*.log")) for op in read_ops(path, outcome)]
+    assert len({(op["op"], op.get("capture_id") or op["request"]["capture_id"]) for op in ops}) == 40
+    # What the journal holds is whole: loaded into a working database, every exchange is there.
+    upgrade(database_url)
+    assert replay(make_engine(database_url), sorted(spill.glob("journal-*.log"))).written == 40
+    assert len([r for r in stored_exchanges(database_url) if r[1] is not None]) == 20
