@@ -23,6 +23,7 @@ from support import serve, stored_exchanges, stored_sessions
 
 from qwen_persist import PersistenceMiddleware, current_exchange
 from qwen_persist.engine import make_engine
+from qwen_persist.journal import Journal
 from qwen_persist.migrate import upgrade
 from qwen_persist.records import CapturedRequest, CapturedResponse, Reports, request_op, response_op
 from qwen_persist.replay import ReplayOutcome, read_ops, replay
@@ -320,3 +321,30 @@ def test_shutdown_is_bounded_when_the_database_hangs(
     upgrade(database_url)
     assert replay(make_engine(database_url), sorted(spill.glob("journal-*.log"))).written == 40
     assert len([r for r in stored_exchanges(database_url) if r[1] is not None]) == 20
+
+
+def test_a_rejected_record_is_set_aside_and_the_rest_stored(database_url: str, tmp_path: Path) -> None:
+    upgrade(database_url)
+    good = [op for i in range(3) for op in exchange(f"c-{i}", f"r-{i}", now_ms() + i, session=f"s{i}")]
+    bad_request, bad_response = exchange("c-bad", "r-bad", now_ms())
+    # NUL in a text column: PostgreSQL refuses it (the writer escapes NUL; a hand-made record need not).
+    bad_request["request"]["model"] = "m\x00"
+    journal = Journal(tmp_path / "spill")
+    journal.append([*good[:2], bad_request, *good[2:], bad_response])
+    journal.close()
+    [segment] = sorted((tmp_path / "spill").glob("journal-*.log"))
+    outcome = replay(make_engine(database_url), [segment])
+    postgres = database_url.startswith("postgresql")
+    assert outcome.written == (6 if postgres else 8)
+    assert [op["op"] for op, _ in outcome.rejected] == (["request"] if postgres else [])
+    # The writer does the same by itself: the rejected record goes to the dead-letter file.
+    other = tmp_path / "other"
+    middleware = PersistenceMiddleware(impatient_app(), database_url=database_url, spill_dir=str(other))
+    bad_request = exchange("c-bad-2", "r-bad-2", now_ms())[0]
+    bad_request["request"]["model"] = "m\x00"
+    middleware.writer._store([bad_request])
+    letters = list(other.glob("dead-letter-*.jsonl"))
+    assert len(letters) == (1 if postgres else 0)
+    if postgres:
+        [line] = letters[0].read_text().splitlines()
+        assert json.loads(line)["op"]["request"]["request_id"] == "r-bad-2" and middleware.stats().failed == 1
