@@ -202,25 +202,33 @@ def request_op(
     if problem:
         metadata = {**(metadata or {}), "capture_problem": problem}
     first_text = _text(redaction.text(first, "first_user_message")) or ""
-    op: Op = {
+    op = _request_op(
+        record,
+        session_row(session_id, first_text, messages, record.arrived_ms, ttl_ms),
+        openai_request=stored,
+        model=model if isinstance(model, str) else None,
+        stream=fields.get("stream") is True,
+        user=user if isinstance(user, str) else None,
+        metadata=metadata,
+    )
+    return op, RequestFacts(messages, problem)
+
+
+def _request_op(record: CapturedRequest, session: dict[str, Any], **content: Any) -> Op:
+    return {
         "op": "request",
-        "session": session_row(session_id, first_text, messages, record.arrived_ms, ttl_ms),
+        "session": session,
         "request": {
-            "session_id": session_id,
+            "session_id": session["id"],
             "request_id": record.request_id,
             "capture_id": record.capture_id,
             "timestamp": record.arrived_ms,
             "created_at": record.arrived_ms,
             "method": record.method,
             "path": _text(record.path),
-            "openai_request": stored,
-            "model": model if isinstance(model, str) else None,
-            "stream": fields.get("stream") is True,
-            "user": user if isinstance(user, str) else None,
-            "metadata": metadata,
+            **content,
         },
     }
-    return op, RequestFacts(messages, problem)
 
 
 def response_op(
@@ -434,24 +442,15 @@ def fallback_op(record: CapturedRequest | CapturedResponse, exc: BaseException, 
     reason = _text(f"not_stored: {type(exc).__name__}"[:200])
     if isinstance(record, CapturedRequest):
         session_id = record.session_id or f"request-{record.request_id}"
-        return {
-            "op": "request",
-            "session": session_row(session_id, "", 0, record.arrived_ms, ttl_ms),
-            "request": {
-                "session_id": session_id,
-                "request_id": record.request_id,
-                "capture_id": record.capture_id,
-                "timestamp": record.arrived_ms,
-                "created_at": record.arrived_ms,
-                "method": record.method,
-                "path": _text(record.path),
-                "openai_request": REDACTED_DOCUMENT,
-                "model": None,
-                "stream": False,
-                "user": None,
-                "metadata": {"capture_problem": reason},
-            },
-        }
+        return _request_op(
+            record,
+            session_row(session_id, "", 0, record.arrived_ms, ttl_ms),
+            openai_request=REDACTED_DOCUMENT,
+            model=None,
+            stream=False,
+            user=None,
+            metadata={"capture_problem": reason},
+        )
     return {
         "op": "response",
         "request_id": record.request_id,

@@ -88,6 +88,15 @@ def _fresh_postgres_database(admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def migrated_url(database_url: str) -> str:
+    """`database_url`, migrated to the head revision."""
+    from qwen_persist.migrate import upgrade
+
+    upgrade(database_url)
+    return database_url
+
+
+@pytest.fixture
 def anyio_backend() -> str:
     """Async tests (``@pytest.mark.anyio``) run on asyncio, the loop uvicorn and the middleware use."""
     return "asyncio"

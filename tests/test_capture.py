@@ -18,7 +18,6 @@ import pytest
 from support import serve, stored_exchanges, stored_sessions
 
 from qwen_persist.bodies import NUL_MARKER, RAW_MARKER, restore_nul
-from qwen_persist.migrate import upgrade
 
 USER = [{"role": "user", "content": "hello there"}]
 
@@ -27,12 +26,6 @@ USER = [{"role": "user", "content": "hello there"}]
 def upstream_url() -> Iterator[str]:
     with serve(fake_upstream.create_app()) as url:
         yield f"{url}/v1"
-
-
-@pytest.fixture
-def migrated_url(database_url: str) -> str:
-    upgrade(database_url)
-    return database_url
 
 
 def proxy_app(upstream_url: str, database_url: str, tmp_path: Path, **options: Any) -> Any:

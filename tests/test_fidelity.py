@@ -38,12 +38,6 @@ USER = [{"role": "user", "content": "hello there"}]
 BODY = {"model": "m", "messages": USER}
 
 
-@pytest.fixture
-def migrated_url(database_url: str) -> str:
-    upgrade(database_url)
-    return database_url
-
-
 def recorded(app: Any, database_url: str, tmp_path: Path, **options: Any) -> PersistenceMiddleware:
     options.setdefault("spill_dir", str(tmp_path / "spill"))
     return PersistenceMiddleware(app, database_url=database_url, **options)

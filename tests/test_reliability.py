@@ -52,12 +52,6 @@ async def read_body(receive: Any) -> None:
         pass
 
 
-@pytest.fixture
-def migrated_url(database_url: str) -> str:
-    upgrade(database_url)
-    return database_url
-
-
 # -- the app fails --------------------------------------------------------------------------------
 
 
