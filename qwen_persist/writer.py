@@ -387,16 +387,21 @@ class Writer:
         records it rejects for good are set aside one by one, and the rest stored."""
         try:
             self._ensure_schema()
+        except Exception as exc:  # a migration that cannot run now (the database down, a lock)
+            raise _Unavailable from exc
+        try:
             with self.engine.begin() as conn:
                 outcome = write_ops(conn, ops, self._renames)
-        except SQLAlchemyError as exc:
-            if is_transient(exc):
+        except Exception as exc:
+            if isinstance(exc, SQLAlchemyError) and is_transient(exc):
                 raise _Unavailable from exc
+            # Rejected by the database, or a value no rule foresaw: find the records at fault and
+            # set them aside, store the rest.
             if len(ops) == 1:
-                log.error("qwen_persist: the database rejected a record (%s); set aside", _short(exc))
+                log.error("qwen_persist: a record could not be stored (%s); set aside", _short(exc))
                 self._dead_letter(ops[0], _short(exc))
                 return
-            for op in ops:  # find the records at fault, store the rest
+            for op in ops:
                 self._store([op])
             return
         with self._counter_lock:
