@@ -110,7 +110,9 @@ def _postgres_database(cluster: ThrowawayPostgres) -> Generator[Backend, None, N
 
 @pytest.fixture
 def sqlite_backend(tmp_path: Path) -> Iterator[Backend]:
-    path = tmp_path / "faults.db"
+    # A directory of its own: scenarios change its permissions without touching logs or spill files.
+    path = tmp_path / "db" / "faults.db"
+    path.parent.mkdir()
     url = f"sqlite:///{path}"
     upgrade(url)
     backend = Backend("sqlite", url, path=path)

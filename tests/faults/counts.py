@@ -40,6 +40,7 @@ class StoredExchange:
 
     request_id: str
     client_request_id: str | None  # requests.metadata.client_request_id: stored under a new id
+    session_id: str
     token: str | None  # the load driver's token found in the request's last user message
     has_response: bool
     status_code: int | None
@@ -71,6 +72,7 @@ def stored_exchanges(database_url: str) -> list[StoredExchange]:
         select(
             requests_table.c.request_id,
             requests_table.c.metadata,
+            requests_table.c.session_id,
             requests_table.c.openai_request,
             responses_table.c.id,
             responses_table.c.status_code,
@@ -86,13 +88,14 @@ def stored_exchanges(database_url: str) -> list[StoredExchange]:
     finally:
         engine.dispose()
     result = []
-    for request_id, metadata, request, response_pk, status, error, response in rows:
+    for request_id, metadata, session_id, request, response_pk, status, error, response in rows:
         match = TOKEN_RE.search(_last_user_text(request))
         client_id = metadata.get("client_request_id") if isinstance(metadata, dict) else None
         result.append(
             StoredExchange(
                 request_id=request_id,
                 client_request_id=client_id,
+                session_id=session_id,
                 token=match.group(0) if match else None,
                 has_response=response_pk is not None,
                 status_code=status,
@@ -129,11 +132,16 @@ def by_token(stored: Iterable[StoredExchange]) -> dict[str, list[StoredExchange]
     return found
 
 
-def wait_stored(database_url: str, tokens: Collection[str], timeout: float) -> list[StoredExchange]:
-    """Poll until every token has a stored request with its response (or ``timeout`` passes); what is
-    stored then. A database that cannot be read yet counts as nothing stored."""
+def wait_stored(
+    database_url: str, tokens: Collection[str], timeout: float, quiet: float = 7.0
+) -> list[StoredExchange]:
+    """Poll until every token has a stored request with its response; what is stored then. Gives up
+    after ``timeout`` seconds, or once nothing has changed for ``quiet`` seconds (longer than the
+    writer's longest retry backoff, 5 s: a writer that is still catching up changes something sooner).
+    A database that cannot be read yet counts as nothing stored."""
     deadline = time.monotonic() + timeout
     stored: list[StoredExchange] = []
+    last_change, last_count = time.monotonic(), -1
     while True:
         try:
             stored = stored_exchanges(database_url)
@@ -142,7 +150,11 @@ def wait_stored(database_url: str, tokens: Collection[str], timeout: float) -> l
         found = by_token(stored)
         if all(any(row.has_response for row in found.get(token, ())) for token in tokens):
             return stored
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        count = sum(1 for row in stored if row.has_response)
+        if count != last_count:
+            last_change, last_count = now, count
+        if now >= deadline or now - last_change >= quiet:
             return stored
         time.sleep(0.25)
 
@@ -202,6 +214,7 @@ class Verdict:
     unanswered: list[str] = field(default_factory=list)  # stored without a response row
     crosstalk: list[str] = field(default_factory=list)  # stored with another request's reply
     wrong_id: list[str] = field(default_factory=list)  # filed under an id the client never received
+    wrong_session: list[str] = field(default_factory=list)  # not in the session the client named
     notes: list[str] = field(default_factory=list)  # scenario-specific problems
 
     def line(self) -> str:
@@ -219,6 +232,7 @@ class Verdict:
             ("stored without a response row", self.unanswered),
             ("stored with another request's reply", self.crosstalk),
             ("stored under an id the client never saw", self.wrong_id),
+            ("stored outside the session the client named", self.wrong_session),
         ):
             if items:
                 problems.append(f"{label}: {len(items)}, e.g. {items[:3]}")
@@ -243,10 +257,12 @@ def judge(
 ) -> Verdict:
     """Hold the stored rows against the outcomes. ``must_store`` (tokens) defaults to every exchange the
     proxy accepted; ``failures`` to every sent call that did not fully succeed. Each token must be
-    stored exactly once, with a response, with its own reply, under the id its client received."""
+    stored exactly once, with a response, with its own reply, under the id its client received, in
+    the session its client named."""
     tokens = {outcome.call.token for outcome in outcomes}
     found = by_token(row for row in stored if row.token in tokens)
     accepted = {outcome.call.token: outcome for outcome in outcomes if outcome.accepted}
+    sessions = {outcome.call.token: outcome.call.session_id for outcome in outcomes}
     wanted = set(accepted) if must_store is None else set(must_store)
     failed = [o for o in outcomes if o.failed] if failures is None else list(failures)
     verdict = Verdict(
@@ -261,6 +277,9 @@ def judge(
         if len(rows) > 1:
             verdict.duplicated.append(token)
         for row in rows:
+            named = sessions.get(token)
+            if named is not None and row.session_id != named:
+                verdict.wrong_session.append(f"{token}: {row.session_id} instead of {named}")
             if not row.has_response:
                 if token in wanted:
                     verdict.unanswered.append(token)
@@ -274,7 +293,7 @@ def judge(
 
 
 def judge_vanished(
-    scenario: str, vanished: Sequence[Vanished], stored: Sequence[StoredExchange], *, disconnected: set[str]
+    vanished: Sequence[Vanished], stored: Sequence[StoredExchange], *, disconnected: set[str]
 ) -> list[str]:
     """Problems with the exchanges of clients that vanished: each must have exactly one request row and
     one response row under its X-Request-Id, with ``error='client_disconnected'`` for the phases in
@@ -286,14 +305,14 @@ def judge_vanished(
     for client in vanished:
         mine = rows.get(client.request_id, [])
         if len(mine) != 1:
-            problems.append(f"{scenario}: {client.phase} {client.request_id}: {len(mine)} request rows")
+            problems.append(f"{client.phase} {client.request_id}: {len(mine)} request rows")
             continue
         row = mine[0]
         if not row.has_response:
-            problems.append(f"{scenario}: {client.phase} {client.request_id}: no response row")
-        elif client.phase in disconnected and row.error != "client_disconnected":
+            problems.append(f"{client.phase} {client.request_id}: no response row")
+        elif client.phase in disconnected and "client_disconnected" not in (row.error or "").split("; "):
+            # A capture problem (a body cut short is not JSON) comes first in the error, by design.
             problems.append(
-                f"{scenario}: {client.phase} {client.request_id}: "
-                f"error={row.error!r}, status={row.status_code}"
+                f"{client.phase} {client.request_id}: error={row.error!r}, status={row.status_code}"
             )
     return problems

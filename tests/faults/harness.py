@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import httpx
 import psycopg
@@ -37,6 +37,7 @@ EXAMPLES = ROOT / "examples"
 TESTS = ROOT / "tests"
 ENV_PREFIX = "QWEN_PERSIST_"
 LOG_TAIL = 4000  # characters of a process log shown in a failure report
+ServerT = TypeVar("ServerT", bound="UvicornProcess")
 
 
 class HarnessUnavailable(RuntimeError):
@@ -468,7 +469,7 @@ class UvicornProcess:
             command = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--", *command]
         return command
 
-    def start(self, timeout: float = 30.0) -> UvicornProcess:
+    def start(self: ServerT, timeout: float = 30.0) -> ServerT:
         """Start it and wait until ``ready_path`` answers 200."""
         assert not self.alive, "already running"
         self.exit_code = None
@@ -596,19 +597,28 @@ class ProxyProcess(UvicornProcess):
             port=port,
             unprivileged=unprivileged,
         )
+        self.upstream_url = upstream_url
         self.database_url = database_url
         self.spill_dir = spill_dir
         self.shutdown_timeout = shutdown_timeout
         self.flush_interval = flush_interval
+        self.options = dict(options or {})
 
     def again(self) -> ProxyProcess:
         """A new, not yet started process with the same configuration, port, spill directory and log: the
         proxy restarted."""
-        twin = ProxyProcess.__new__(ProxyProcess)
-        twin.__dict__.update(self.__dict__)
-        twin.process = None
-        twin.exit_code = None
-        return twin
+        return ProxyProcess(
+            upstream_url=self.upstream_url,
+            database_url=self.database_url,
+            spill_dir=self.spill_dir,
+            log_path=self.log_path,
+            shutdown_timeout=self.shutdown_timeout,
+            flush_interval=self.flush_interval,
+            options=self.options,
+            workers=self.workers,
+            port=self.port,
+            unprivileged=self.unprivileged,
+        )
 
 
 # -- SQLite and file system faults ---------------------------------------------------------------------
@@ -662,26 +672,21 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 def fill_filesystem(directory: Path, name: str = "filler") -> Path:
-    """Write a file into ``directory`` until its file system is full (ENOSPC); the file is returned so
-    the caller can delete it to free the space again."""
+    """Write a file into ``directory`` until its file system is full (ENOSPC), down to the last byte; the
+    file is returned so the caller can delete it to free the space again."""
     path = directory / name
-    block = b"\0" * (256 * 1024)
-    with path.open("wb") as handle:
-        try:
-            while True:
-                handle.write(block)
-                handle.flush()
-        except OSError:
-            pass
-    # What is left is smaller than a block: fill it byte by byte in small steps.
-    with path.open("ab") as handle:
-        for size in (65536, 4096, 512, 1):
+    # Unbuffered: a buffered file would fail again at close, flushing what did not fit.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1 << 9, 1):
+            block = b"\0" * size
             try:
                 while True:
-                    handle.write(b"\0" * size)
-                    handle.flush()
+                    os.write(descriptor, block)
             except OSError:
-                continue
+                continue  # full at this size: try smaller pieces
+    finally:
+        os.close(descriptor)
     return path
 
 

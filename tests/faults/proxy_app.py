@@ -7,13 +7,14 @@ so one import string serves ``--workers N`` too. Unlike ``openai_proxy:app`` it 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
 
+# The examples folder is not a package: put it on the path and import the proxy by name.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-import openai_proxy
+openai_proxy = importlib.import_module("openai_proxy")
 
 # The middleware's own lines (retries, spills, the counters at shutdown) are what a failure report needs;
 # uvicorn configures only its own loggers, so without this only warnings would show, without a time.
