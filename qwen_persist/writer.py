@@ -29,8 +29,10 @@ import contextlib
 import itertools
 import logging
 import queue
+import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -252,16 +254,18 @@ class Writer:
     def _release_database(self) -> None:
         """Close the pool's connections. On SQLite, first fold the write-ahead log into the database
         file, so that a copy of the ``.db`` file alone (a backup, a volume snapshot) holds every row."""
-        if self.engine.dialect.name == "sqlite":
-            try:
-                with self.engine.connect() as conn:
-                    # Short: a shutdown must not wait out another process's long transaction.
-                    conn.exec_driver_sql("PRAGMA busy_timeout=500")
-                    conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-            except SQLAlchemyError as exc:
-                log.warning("qwen_persist: could not checkpoint the SQLite WAL at shutdown: %s", _short(exc))
         self.engine.dispose()
         self._released = True
+        database = self.engine.url.database
+        if self.engine.dialect.name == "sqlite" and database:
+            try:
+                # A connection of its own, without the engine's 5 s busy timeout: a shutdown must not
+                # wait out another process's long transaction (the checkpoint is then left to SQLite).
+                uri = f"file:{urllib.parse.quote(database)}?mode=rw"  # never create a missing file
+                with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=0.5)) as conn:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("qwen_persist: could not checkpoint the SQLite WAL at shutdown: %s", exc)
 
     async def aclose(self, timeout: float | None = None) -> WriterStats:
         return await asyncio.to_thread(self.close, timeout)

@@ -181,11 +181,17 @@ def journal_files(directory: Path) -> list[Path]:
 
 
 def journal_records(directory: Path) -> int:
-    """Records in the directory: non-blank lines of its ``*.jsonl`` and ``*.log`` files."""
+    """Records waiting in the journal: the checksummed records of its segments (``journal-*.log``), and
+    the lines of dead-letter files (records set aside for a human)."""
+    from qwen_persist.replay import ReplayOutcome, read_ops
+
     count = 0
     for path in journal_files(directory):
-        with path.open("rb") as handle:
-            count += sum(1 for line in handle if line.strip())
+        if path.name.startswith("journal-") and path.name.endswith(".log"):
+            count += sum(1 for _ in read_ops(path, ReplayOutcome()))
+        else:
+            with path.open("rb") as handle:
+                count += sum(1 for line in handle if line.strip())
     return count
 
 
