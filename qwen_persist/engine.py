@@ -14,7 +14,7 @@ DATABASE_URL_ENV = "QWEN_PERSIST_DATABASE_URL"
 DEFAULT_DATABASE_URL = "sqlite:///qwen_persist.db"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 CONNECT_TIMEOUT = 5  # seconds; libpq's own default is to wait forever
-WRITER_STATEMENT_TIMEOUT = 30.0  # seconds; the writer's batches take milliseconds
+WRITER_LOCK_TIMEOUT = 10.0  # seconds; the writer's batches take milliseconds
 
 
 def resolve_database_url(database_url: str | None = None) -> str:
@@ -51,13 +51,14 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(
-    database_url: str | URL | None = None, *, statement_timeout: float | None = None, **kwargs: Any
+    database_url: str | URL | None = None, *, lock_timeout: float | None = None, **kwargs: Any
 ) -> Engine:
     """Create an engine for ``database_url`` (resolved as :func:`resolve_database_url` says).
 
     On PostgreSQL a connection attempt gives up after `CONNECT_TIMEOUT` seconds (unless the URL sets
     ``connect_timeout``), so a server that accepts TCP and never answers cannot hold a caller for
-    minutes; ``statement_timeout`` (seconds) bounds every statement on the server side too.
+    minutes; ``lock_timeout`` (seconds) bounds how long a statement waits for another session's lock. (A
+    lock timeout rather than a statement timeout, so a database's own ``statement_timeout`` still holds.)
     """
     url = normalize_url(database_url if database_url is not None else resolve_database_url())
     kwargs.setdefault("json_serializer", jsonlib.dumps)
@@ -70,7 +71,6 @@ def make_engine(
     connect_args = dict(kwargs.pop("connect_args", {}))
     if "connect_timeout" not in url.query:
         connect_args.setdefault("connect_timeout", CONNECT_TIMEOUT)
-    if statement_timeout is not None:
-        # A server-side bound: it ends a statement stuck on a lock or a slow disk.
-        connect_args.setdefault("options", f"-c statement_timeout={int(statement_timeout * 1000)}")
+    if lock_timeout is not None:
+        connect_args.setdefault("options", f"-c lock_timeout={int(lock_timeout * 1000)}")
     return create_engine(url, connect_args=connect_args, **kwargs)

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import ConfigurationError, Settings, build_settings
 from .encodings import parse_content_encoding
-from .engine import WRITER_STATEMENT_TIMEOUT, make_engine
+from .engine import WRITER_LOCK_TIMEOUT, make_engine
 from .exchange import SCOPE_KEY, Exchange
 from .paths import PathMatcher, route_path
 from .records import CapturedRequest, CapturedResponse, StreamHandoff
@@ -90,9 +90,7 @@ class PersistenceMiddleware:
                 spill_max_bytes=spill_max_bytes,
             )
             try:
-                self.engine = make_engine(
-                    self.settings.database_url, statement_timeout=WRITER_STATEMENT_TIMEOUT
-                )
+                self.engine = make_engine(self.settings.database_url, lock_timeout=WRITER_LOCK_TIMEOUT)
             except (ImportError, NoSuchModuleError) as exc:
                 raise ConfigurationError(
                     f"no database driver for {self.settings.database_url.split(':', 1)[0]} URLs ({exc}); "
