@@ -62,6 +62,7 @@ log = logging.getLogger("qwen_persist")
 Record = CapturedRequest | CapturedResponse
 MAX_BACKOFF = 5.0
 LOG_INTERVAL = 10.0  # seconds between warnings of one kind
+WRITER_SQLITE_BUSY_MS = 250  # how long a batch waits for another process's lock on a SQLite file
 IDLE_CHECK = 1.0  # seconds between looks at the journal while no record arrives
 RECOVERY_SLICE = 4  # journal batches loaded between two live batches, so live records never wait long
 ORPHAN_TIMEOUT = 60.0  # seconds a response waits for its request before it is set aside
@@ -395,7 +396,16 @@ class Writer:
             raise _Unavailable from exc
         try:
             with self.engine.begin() as conn:
-                outcome = write_ops(conn, ops, self._renames)
+                if conn.dialect.name == "sqlite":
+                    # Another process holding the file is an outage to journal through, not a reason to
+                    # hold a batch in memory for the pool's whole busy timeout (the connection goes
+                    # back to the pool with it restored).
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout={WRITER_SQLITE_BUSY_MS}")
+                try:
+                    outcome = write_ops(conn, ops, self._renames)
+                finally:
+                    if conn.dialect.name == "sqlite":
+                        conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         except Exception as exc:
             if isinstance(exc, SQLAlchemyError) and is_transient(exc):
                 raise _Unavailable from exc
@@ -442,8 +452,9 @@ class Writer:
         """Load the journal back into the database, a slice at a time (all of it when ``everything``, at
         shutdown, as long as the deadline allows), once the database answers again."""
         # Probe before claiming: a claim closes this journal's active segment, and claiming at every
-        # try of a long outage would cut the journal into slivers.
-        if self._outage and (time.monotonic() < self._next_probe or not self._probe()):
+        # try of a long outage would cut the journal into slivers. At shutdown, one last try now.
+        waiting = time.monotonic() < self._next_probe and not everything
+        if self._outage and (waiting or not self._probe()):
             return
         if not self._segments:
             journal = self._journal_or_none()
