@@ -149,7 +149,7 @@ def main() -> None:
             writer = Writer(settings, make_engine(url))
             profiler.enable()
             for first in range(0, len(records), args.batch_size):
-                writer._write(writer._to_ops(records[first : first + args.batch_size]))
+                writer._store(writer._to_ops(records[first : first + args.batch_size]))
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return

@@ -456,12 +456,19 @@ class Writer:
         waiting = time.monotonic() < self._next_probe and not everything
         if self._outage and (waiting or not self._probe()):
             return
-        if not self._segments:
-            journal = self._journal_or_none()
-            if journal is not None and journal.pending():
-                self._segments = journal.claim()
+        # At shutdown a few passes: responses parked in one pass find their requests in the next.
+        for _ in range(3 if everything else 1):
             if not self._segments:
+                journal = self._journal_or_none()
+                if journal is not None and journal.pending():
+                    self._segments = journal.claim()
+                if not self._segments:
+                    return
+            if not self._load_segments(everything):
                 return
+
+    def _load_segments(self, everything: bool) -> bool:
+        """Store the claimed segments' records; False when it stopped before the end of them."""
         batches = 0
         try:
             while self._segments:
@@ -470,6 +477,12 @@ class Writer:
                 batch = self._carry or list(itertools.islice(self._reader, self.settings.batch_size))
                 self._carry = batch  # kept until stored: the database may go away meanwhile
                 if not batch:
+                    # A response journaled before its request (a full queue) finds it now; what
+                    # still has none is parked in the journal before the segment is deleted.
+                    orphans, self._orphans = self._orphans, []
+                    if orphans:
+                        self._store(orphans)
+                        self._park_orphans()
                     self._reader = None
                     self._segments.pop(0).done()
                     continue
@@ -479,12 +492,11 @@ class Writer:
                     self._replayed += len(batch)
                 batches += 1
                 if self._abandon.is_set() or (not everything and batches >= RECOVERY_SLICE):
-                    return  # live records get their turn; the segment stays claimed
+                    return False  # live records get their turn; the segment stays claimed
         except _Unavailable as exc:
             self._begin_outage(exc.__cause__)
-            return
-        finally:
-            self._park_orphans()
+            return False
+        return True
 
     def _release_segments(self) -> None:
         self._reader = None
