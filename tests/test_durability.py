@@ -348,3 +348,25 @@ def test_a_rejected_record_is_set_aside_and_the_rest_stored(database_url: str, t
     if postgres:
         [line] = letters[0].read_text().splitlines()
         assert json.loads(line)["op"]["request"]["request_id"] == "r-bad-2" and middleware.stats().failed == 1
+
+
+def test_the_writer_loads_a_journal_left_behind_by_itself(database_url: str, tmp_path: Path) -> None:
+    # Segments an earlier process left (a crash), a response before its request (a full queue).
+    upgrade(database_url)
+    spill = tmp_path / "spill"
+    first = exchange("left-1", "r-1", now_ms(), session="s-left")
+    second = exchange("left-2", "r-2", now_ms() + 1, session="s-left", parent_id="p-2")
+    journal = Journal(spill)
+    journal.append([first[1], first[0]])
+    journal.append([second[0], second[1], first[1]])  # and a response journaled twice
+    journal.close()
+    middleware = PersistenceMiddleware(impatient_app(), database_url=database_url, spill_dir=str(spill))
+    middleware.writer.start()  # as the lifespan startup does
+    deadline = time.monotonic() + 10
+    while len([r for r in stored_exchanges(database_url) if r[1] is not None]) < 2:
+        assert time.monotonic() < deadline, "the journal was not loaded"
+        time.sleep(0.05)
+    stats = middleware.writer.close()
+    assert (stats.written, stats.failed, stats.duplicates) == (4, 0, 1)
+    assert not list(spill.glob("journal-*.log")) and not list(spill.glob("dead-letter-*"))
+    assert stored_sessions(database_url)["s-left"].parent_id == "p-2"
