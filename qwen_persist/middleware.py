@@ -134,12 +134,12 @@ class PersistenceMiddleware:
             state[STATE_KEY] = self
 
     def stats(self) -> WriterStats:
-        """Counters: accepted, written, spilled, failed, duplicates, retries, queue depth."""
+        """The writer's counters (see `WriterStats` and the README)."""
         return self.writer.stats()
 
     async def aclose(self, timeout: float | None = None) -> WriterStats:
-        """Store everything still queued, spilling what the database cannot take within ``timeout``
-        seconds (default: the ``shutdown_timeout`` option)."""
+        """Store everything still queued; what the database cannot take within ``timeout`` seconds
+        (default: the ``shutdown_timeout`` option) is in the journal when this returns."""
         return await self.writer.aclose(self.settings.shutdown_timeout if timeout is None else timeout)
 
     def _request_id(self, offered: str | None) -> str:
