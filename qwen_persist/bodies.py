@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from . import jsonlib
+from .config import DEFAULT_MAX_BODY_BYTES
 from .encodings import ContentDecodingError, decode_content
 
 RAW_MARKER = "$qwen_persist_raw_body"
@@ -63,7 +64,7 @@ def decode_json_body(
     truncated: bool = False,
     size: int | None = None,
     codings: list[str] | None = None,
-    limit: int | None = None,
+    limit: int = DEFAULT_MAX_BODY_BYTES,
 ) -> tuple[Any, str | None]:
     """Parse a captured body; returns (value to store, problem) where problem names why it is raw.
 
@@ -73,7 +74,7 @@ def decode_json_body(
     total = len(data) if size is None else size
     if codings:
         try:
-            decoded, overflow = decode_content(data, codings, limit=limit or max(len(data), 1) * 1024)
+            decoded, overflow = decode_content(data, codings, limit=limit)
         except ContentDecodingError:
             reason = "encoding_invalid"
             return raw_body(data, reason=reason, truncated=truncated, size=total), f"body_{reason}"
