@@ -209,6 +209,8 @@ class Writer:
             timeout = self.settings.shutdown_timeout
         deadline = time.monotonic() + timeout
         thread = self._thread
+        if thread is None and self._released:
+            return self.stats()  # closed already (the lifespan shutdown, then interpreter exit)
         if thread is not None and thread.is_alive():
             with contextlib.suppress(queue.Full):  # a full queue is journaled below
                 self._queue.put_nowait(_STOP)
