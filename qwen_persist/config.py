@@ -289,13 +289,11 @@ def build_settings(
     )
 
 
-def _names(
-    name: str, value: Iterable[str] | None, env: str | None, default: Iterable[str] | None
-) -> list[str]:
+def _names(name: str, value: Iterable[str] | None, env: str | None, default: Iterable[str]) -> list[str]:
     """A list option: the argument (a collection of strings), else the comma-separated environment
     variable, else the default. Blank entries are dropped."""
     if value is None:
-        value = env.split(",") if env is not None else list(default or ())
+        value = env.split(",") if env is not None else list(default)
     elif isinstance(value, str):
         raise ConfigurationError(f"{name} must be a collection of strings, not a single string")
     return [item.strip() for item in _strings(name, value) if item.strip()]

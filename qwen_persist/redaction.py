@@ -1,10 +1,10 @@
-"""What is kept out of the database and the spill files: credential fields, and what the user's hook removes.
+"""What is kept out of the database and the journal: credential fields, and what the user's hook removes.
 
 Request headers are never stored at all. Bodies can carry credentials too (LiteLLM, for one, accepts
 ``api_key`` or AWS keys in the JSON), so fields with those names are replaced by ``"[redacted]"`` in every
 stored document, at any depth, by default. Then the user's ``redact`` hook sees every stored text: the
 bodies, the provider payloads the app reports, the first user message and error texts. Both run on the
-writer's side before a record is written anywhere, the spill file included.
+writer's side before a record is written anywhere, the journal included.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Writing exchanges: the SQL behind the writer and `qwen-persist replay`.
 
 The writer hands over *ops*: plain JSON-ready dicts made from captured exchanges (see `records.py`).
-The same ops go to the spill file when the database cannot take them, so replaying a spill is just
+The same ops go to the journal when the database cannot take them, so loading the journal is just
 ``write_ops`` again; it is idempotent (a request or response already stored is skipped).
 """
 
@@ -34,7 +34,6 @@ class BatchOutcome:
     written: int = 0  # ops stored by this batch
     duplicates: int = 0  # ops already in the database (a replay, or a retry after an unclear commit)
     orphans: list[Op] = field(default_factory=list)  # responses whose request row is not there (yet)
-    renamed: dict[str, str] = field(default_factory=dict)  # client request id reused -> id stored instead
 
 
 def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
@@ -193,7 +192,6 @@ def _write_requests(
         elif rid in taken:
             # A client reused an X-Request-Id that is already stored: keep both, under a fresh id.
             fresh = str(uuid.uuid4())
-            outcome.renamed[rid] = fresh
             if capture is None:
                 renames[rid] = fresh
             metadata = {**(row.get("metadata") or {}), "client_request_id": rid}
