@@ -6,7 +6,7 @@ closed segments, other processes' closed ones, and those of processes that died 
 process's locks, after SIGKILL too). A claimed segment stays locked by its claimer until `Segment.done`
 deletes it or `Segment.release` gives it back. Delivery is at least once: a segment can be read again
 after a crash between storing its records and ``done()``, so its reader must be idempotent (as
-``repository.write_ops`` is).
+``repositories.writes.write_ops`` is).
 
 Files in the directory (created 0o700; every file 0o600, as records hold whole conversations):
 
@@ -52,7 +52,7 @@ from types import TracebackType
 from typing import Literal
 
 from . import jsonlib
-from .repository import Op
+from .repositories.writes import Op
 
 log = logging.getLogger("qwen_persist")
 

@@ -19,6 +19,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -34,6 +35,8 @@ NAMING_CONVENTION = {
 }
 
 TABLE_NAMES = ("sessions", "requests", "responses")
+# A response that is not a success; spelled exactly so in queries, which lets SQLite use the partial index.
+FAILED = "error IS NOT NULL OR status_code >= 400"
 
 
 def json_type(*, nullable: bool) -> TypeEngine[Any]:
@@ -65,7 +68,7 @@ class Session(Base):
     message_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
     updated_at: Mapped[int] = mapped_column(BigInteger)
-    last_accessed: Mapped[int] = mapped_column(BigInteger)
+    last_accessed: Mapped[int] = mapped_column(BigInteger, index=True)  # the list's default order
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
     # Arrival time (ms) of the exchange whose chat_id/parent_id these are: they only move forward.
     ids_updated_at: Mapped[int | None] = mapped_column(BigInteger)
@@ -75,7 +78,8 @@ class Request(Base):
     """One incoming chat completion request, recorded as soon as its body is complete."""
 
     __tablename__ = "requests"
-    __table_args__ = (Index(None, "session_id", "timestamp"),)
+    # Each list filter's index ends with the time column, so a page is read in index order (0006).
+    __table_args__ = (Index(None, "session_id", "timestamp"), Index(None, "model", "timestamp"))
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
     # The (session_id, timestamp) index serves lookups by session_id alone too.
@@ -89,7 +93,7 @@ class Request(Base):
     path: Mapped[str] = mapped_column(Text)
     openai_request: Mapped[Any] = mapped_column(json_type(nullable=False))
     qwen_request: Mapped[Any | None] = mapped_column(json_type(nullable=True))
-    model: Mapped[str | None] = mapped_column(Text, index=True)
+    model: Mapped[str | None] = mapped_column(Text)
     stream: Mapped[bool] = mapped_column(Boolean)
     user: Mapped[str | None] = mapped_column(Text)
     metadata_: Mapped[Any | None] = mapped_column("metadata", json_type(nullable=True))
@@ -100,12 +104,19 @@ class Response(Base):
     """The outcome of one request: exactly one per request, whatever happened."""
 
     __tablename__ = "responses"
+    __table_args__ = (
+        Index(None, "session_id", "timestamp"),
+        Index(None, "status_code", "timestamp"),
+        Index(None, "finish_reason", "timestamp"),
+        # The failures, a small part of the table, without reading the successes.
+        Index("ix_responses_failed", "timestamp", sqlite_where=text(FAILED), postgresql_where=text(FAILED)),
+    )
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
     request_id: Mapped[int] = mapped_column(
         IdType, ForeignKey("requests.id", ondelete="CASCADE"), unique=True
     )
-    session_id: Mapped[str] = mapped_column(Text, ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    session_id: Mapped[str] = mapped_column(Text, ForeignKey("sessions.id", ondelete="CASCADE"))
     response_id: Mapped[str] = mapped_column(Text, unique=True)
     upstream_id: Mapped[str | None] = mapped_column(Text, index=True)
     timestamp: Mapped[int] = mapped_column(BigInteger, index=True)

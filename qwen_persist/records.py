@@ -30,7 +30,7 @@ from .config import DEFAULT_MAX_BODY_BYTES
 from .encodings import ContentDecoder, ContentDecodingError
 from .gil import yield_gil
 from .redaction import DEFAULT_REDACT_FIELDS, REDACTED_DOCUMENT, Redaction
-from .repository import Op
+from .repositories.writes import Op
 from .sessions import message_count, resolve_session_id, session_row
 
 log = logging.getLogger("qwen_persist")

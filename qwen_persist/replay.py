@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .journal import HEADER, decode_record
-from .repository import Op, write_ops
+from .repositories.writes import Op, write_ops
 
 log = logging.getLogger("qwen_persist")
 

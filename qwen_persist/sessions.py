@@ -7,7 +7,6 @@ both open with "hi" never share a session. Expiry governs continuation only; it 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
 import json
@@ -18,9 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, case, delete, func, select, update
-
-from .models import requests_table, sessions_table
+from sqlalchemy import Engine
 
 MAX_ID_LENGTH = 128
 
@@ -155,14 +152,19 @@ class SessionInfo:
 class SessionManager:
     """Database-backed sessions with sliding expiry (the original's phase 3), safe for the event loop.
 
-    Every method runs its SQL in a worker thread. Updates are single atomic statements, so concurrent
-    callers never lose each other's writes. ``get`` returns None for an expired session: it is not
-    continued, but its history stays until an explicit retention policy deletes it.
+    A thin async face over `repositories.SessionRepository`: every method runs its SQL in a worker
+    thread. Updates are single atomic statements, so concurrent callers never lose each other's writes.
+    ``get`` returns None for an expired session: it is not continued, but its history stays until an
+    explicit retention policy deletes it.
     """
 
     def __init__(self, engine: Engine, *, ttl: float = 30 * 60.0) -> None:
+        # Imported here: the repositories import this module's SessionInfo.
+        from .repositories.sessions import SessionRepository
+
         self.engine = engine
         self.ttl_ms = int(ttl * 1000)
+        self.repository = SessionRepository(engine)
 
     @staticmethod
     def generate_session_id(body: Any, *, api_key: str | None = None) -> str:
@@ -176,46 +178,15 @@ class SessionManager:
         self, session_id: str, first_user_message: str = "", *, chat_id: str | None = None
     ) -> SessionInfo:
         """Create the session, or renew it if it exists (expired ones lose chat_id and parent_id)."""
-        return await asyncio.to_thread(self._create, session_id, first_user_message, chat_id)
-
-    def _create(self, session_id: str, first_user_message: str, chat_id: str | None) -> SessionInfo:
-        from .repository import upsert_sessions
-
-        now = now_ms()
-        row = session_row(session_id, first_user_message, 0, now, self.ttl_ms)
-        with self.engine.begin() as conn:
-            upsert_sessions(conn, [row])
-            if chat_id is not None:
-                conn.execute(
-                    update(sessions_table)
-                    .where(sessions_table.c.id == session_id)
-                    .values(chat_id=chat_id, ids_updated_at=now)
-                )
-            info = self._select(conn, session_id)
-        assert info is not None
-        return info
+        return await self.repository.acreate(session_id, first_user_message, self.ttl_ms, chat_id=chat_id)
 
     async def get(self, session_id: str) -> SessionInfo | None:
         """The live session, touched (its expiry slides); None if missing or expired."""
-        return await asyncio.to_thread(self._get, session_id)
-
-    def _get(self, session_id: str) -> SessionInfo | None:
-        now = now_ms()
-        with self.engine.begin() as conn:
-            touched = conn.execute(
-                update(sessions_table)
-                .where(sessions_table.c.id == session_id, sessions_table.c.expires_at > now)
-                .values(last_accessed=now, expires_at=now + self.ttl_ms)
-            ).rowcount
-            return self._select(conn, session_id) if touched else None
+        return await self.repository.atouch(session_id, self.ttl_ms)
 
     async def peek(self, session_id: str) -> SessionInfo | None:
         """The session row as stored, expired or not, without touching it."""
-        return await asyncio.to_thread(self._peek, session_id)
-
-    def _peek(self, session_id: str) -> SessionInfo | None:
-        with self.engine.connect() as conn:
-            return self._select(conn, session_id)
+        return await self.repository.aget(session_id)
 
     async def is_new(self, session_id: str) -> bool:
         """True when no live session has this id (a request with it would start a conversation).
@@ -228,120 +199,39 @@ class SessionManager:
         return info.parent_id if info else None
 
     async def update_parent_id(self, session_id: str, parent_id: str | None) -> bool:
-        return await self._set(session_id, parent_id=parent_id)
+        return await self.repository.aset_ids(session_id, self.ttl_ms, {"parent_id": parent_id})
 
     async def set_chat_id(self, session_id: str, chat_id: str | None) -> bool:
-        return await self._set(session_id, chat_id=chat_id)
-
-    async def _set(self, session_id: str, **values: Any) -> bool:
-        def run() -> bool:
-            now = now_ms()
-            table = sessions_table.c
-            # Setting one upstream id on an expired session starts a new conversation under the old id:
-            # the other id belongs to the old conversation and is cleared, as a renewal would.
-            for name in ("chat_id", "parent_id"):
-                if name not in values:
-                    values[name] = case((table.expires_at <= now, None), else_=table[name])
-            with self.engine.begin() as conn:
-                result = conn.execute(
-                    update(sessions_table)
-                    .where(table.id == session_id)
-                    .values(
-                        updated_at=now,
-                        last_accessed=now,
-                        expires_at=now + self.ttl_ms,
-                        ids_updated_at=now,  # set by the app now: newer than any exchange before
-                        **values,
-                    )
-                )
-            return bool(result.rowcount)
-
-        return await asyncio.to_thread(run)
+        return await self.repository.aset_ids(session_id, self.ttl_ms, {"chat_id": chat_id})
 
     async def delete(self, session_id: str) -> bool:
-        """Delete a session and, by cascade, its requests and responses."""
-
-        def run() -> bool:
-            with self.engine.begin() as conn:
-                return bool(
-                    conn.execute(delete(sessions_table).where(sessions_table.c.id == session_id)).rowcount
-                )
-
-        return await asyncio.to_thread(run)
+        """Delete a session with its requests and responses."""
+        return await self.repository.adelete(session_id)
 
     async def cleanup_expired(self, *, batch_size: int = 1000) -> int:
         """Retention, never automatic: delete expired sessions with their history, in batches."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-
-        def run() -> int:
-            removed = 0
-            while True:
-                with self.engine.begin() as conn:
-                    ids = (
-                        select(sessions_table.c.id)
-                        .where(sessions_table.c.expires_at <= now_ms())
-                        .limit(batch_size)
-                    )
-                    count = conn.execute(delete(sessions_table).where(sessions_table.c.id.in_(ids))).rowcount
-                removed += count
-                if count < batch_size:
-                    return removed
-
-        return await asyncio.to_thread(run)
+        return await self.repository.apurge_expired(batch_size=batch_size)
 
     async def metrics(self) -> dict[str, int]:
         """``active`` (not expired) and ``total`` sessions."""
-
-        def run() -> dict[str, int]:
-            with self.engine.connect() as conn:
-                total, active = conn.execute(
-                    select(
-                        func.count(),
-                        func.coalesce(
-                            func.sum(case((sessions_table.c.expires_at > now_ms(), 1), else_=0)), 0
-                        ),
-                    )
-                ).one()
-            return {"active": int(active), "total": int(total)}
-
-        return await asyncio.to_thread(run)
+        return await self.repository.ametrics()
 
     async def list(
         self, *, limit: int = 100, offset: int = 0, active_only: bool = False
     ) -> list[SessionInfo]:
         """Sessions, most recently used first."""
-        if not 1 <= limit <= 1000 or offset < 0:
-            raise ValueError("limit must be within 1..1000 and offset >= 0")
+        from .repositories import InvalidParameter, Pagination, SessionFilter
 
-        def run() -> list[SessionInfo]:
-            query = (
-                select(sessions_table)
-                # id breaks ties: sessions written in one batch share last_accessed, and without a
-                # total order LIMIT/OFFSET pages may repeat some sessions and skip others.
-                .order_by(sessions_table.c.last_accessed.desc(), sessions_table.c.id)
-                .limit(limit)
-                .offset(offset)
-            )
-            if active_only:
-                query = query.where(sessions_table.c.expires_at > now_ms())
-            with self.engine.connect() as conn:
-                return [SessionInfo(**row._mapping) for row in conn.execute(query)]
-
-        return await asyncio.to_thread(run)
+        try:
+            page = Pagination(limit=limit, offset=offset)
+        except InvalidParameter:
+            raise ValueError("limit must be within 1..1000 and offset >= 0") from None
+        found = await self.repository.alist(SessionFilter(active=True if active_only else None), page)
+        return found.items
 
     async def request_count(self, session_id: str) -> int:
-        def run() -> int:
-            with self.engine.connect() as conn:
-                query = select(func.count()).where(requests_table.c.session_id == session_id)
-                return int(conn.execute(query).scalar_one())
-
-        return await asyncio.to_thread(run)
-
-    @staticmethod
-    def _select(conn: Any, session_id: str) -> SessionInfo | None:
-        row = conn.execute(select(sessions_table).where(sessions_table.c.id == session_id)).first()
-        return SessionInfo(**row._mapping) if row is not None else None
+        detail = await self.repository.adetail(session_id)
+        return detail.request_count if detail is not None else 0
 
 
 def session_row(

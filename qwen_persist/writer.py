@@ -1,7 +1,7 @@
 """The background writer: takes captured exchanges off the request path and stores them in batches.
 
 A bounded queue feeds one thread. The thread rebuilds each exchange (`records.py`) and writes a batch in
-one transaction (`repository.py`). What the database cannot take promptly goes to the journal
+one transaction (`repositories/writes.py`). What the database cannot take promptly goes to the journal
 (`journal.py`, in ``spill_dir``), an append-only, checksummed on-disk buffer fsynced once per batch:
 
 * **Outage.** A batch that fails with a transient error (connection refused or lost, a lock, a timeout,
@@ -55,7 +55,7 @@ from .records import (
     response_op,
 )
 from .redaction import Redaction
-from .repository import Op, write_ops
+from .repositories.writes import Op, write_ops
 
 log = logging.getLogger("qwen_persist")
 

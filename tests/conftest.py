@@ -62,7 +62,19 @@ def _postgres_admin_url() -> str | None:
 @pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL to an empty database of each backend: a new SQLite file, or a new PostgreSQL database."""
-    if request.param == "sqlite":
+    yield from _empty_database(request.param, tmp_path)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """`database_url` shared by a module's tests: for read-only tests over data recorded once."""
+    yield from _empty_database(request.param, tmp_path_factory.mktemp("module-db"))
+
+
+def _empty_database(backend: str, tmp_path: Path) -> Iterator[str]:
+    if backend == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.db'}"
         return
     admin_url = _postgres_admin_url()

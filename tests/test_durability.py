@@ -27,7 +27,7 @@ from qwen_persist.journal import Journal
 from qwen_persist.migrate import upgrade
 from qwen_persist.records import CapturedRequest, CapturedResponse, Reports, request_op, response_op
 from qwen_persist.replay import ReplayOutcome, read_ops, replay
-from qwen_persist.repository import write_ops
+from qwen_persist.repositories.writes import write_ops
 from qwen_persist.sessions import now_ms
 
 ANSWER = {

@@ -25,7 +25,7 @@ import pytest
 
 from qwen_persist import jsonlib
 from qwen_persist.journal import HEADER, Journal, JournalFull, Segment
-from qwen_persist.repository import Op
+from qwen_persist.repositories.writes import Op
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 120.0  # seconds: generous, the machine may be busy

@@ -24,6 +24,7 @@ REVISIONS = [
     "0003_adopt_node_v2",
     "0004_response_headers",
     "0005_capture_identity",
+    "0006_read_indexes",
 ]
 
 
@@ -280,12 +281,12 @@ def test_cli_db_commands(database_url: str, capsys: pytest.CaptureFixture[str]) 
     status, out, _ = run_cli(capsys, "db", "upgrade", "0002_split_tables", "--database-url", database_url)
     assert status == 0 and "to 0002_split_tables" in out
     status, out, _ = run_cli(capsys, "db", "upgrade", "--database-url", database_url)
-    assert status == 0 and "to 0005_capture_identity" in out
+    assert status == 0 and f"to {REVISIONS[-1]}" in out
     status, out, _ = run_cli(capsys, "db", "upgrade", "--database-url", database_url)
-    assert status == 0 and "already at 0005_capture_identity" in out
+    assert status == 0 and f"already at {REVISIONS[-1]}" in out
 
     status, out, _ = run_cli(capsys, "db", "current", "--database-url", database_url)
-    assert (status, out.strip()) == (0, "0005_capture_identity (head)")
+    assert (status, out.strip()) == (0, f"{REVISIONS[-1]} (head)")
 
     status, out, _ = run_cli(capsys, "db", "history", "--database-url", database_url)
     lines = out.strip().splitlines()

@@ -30,7 +30,7 @@ from qwen_persist.engine import make_engine
 from qwen_persist.migrate import upgrade
 from qwen_persist.models import requests_table, responses_table, sessions_table
 from qwen_persist.records import CapturedRequest, CapturedResponse, Reports, request_op, response_op
-from qwen_persist.repository import Op, write_ops
+from qwen_persist.repositories.writes import Op, write_ops
 from qwen_persist.sessions import (
     SessionManager,
     api_key_fingerprint,

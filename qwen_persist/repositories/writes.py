@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, case, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .gil import yield_gil
-from .models import requests_table, responses_table, sessions_table
+from ..gil import yield_gil
+from ..models import requests_table, responses_table, sessions_table
 
 Op = dict[str, Any]
 # Rows per executemany: SQLAlchemy prepares the parameters holding the GIL (see gil.py).

@@ -1,0 +1,188 @@
+"""Sessions: reading, listing, renewing and deleting conversations.
+
+`SessionManager` (the app-facing, event-loop-safe API of the original's phase 3) and the writer's upsert
+(`writes.upsert_sessions`) both go through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from sqlalchemy import Connection, case, delete, func, select, update
+
+from ..models import requests_table, sessions_table
+from ..sessions import SessionInfo, now_ms, session_row
+from .base import Repository, in_thread, lookup_key, paginate
+from .exchanges import delete_exchanges
+from .queries import Pagination, SessionFilter
+from .rows import Page, SessionDetail
+from .writes import upsert_sessions
+
+SESSION_ORDER = ("last_accessed", "created_at", "updated_at", "expires_at")
+_s = sessions_table.c
+
+
+def _info(row: Any) -> SessionInfo:
+    return SessionInfo(**row._mapping)
+
+
+def select_session(conn: Connection, session_id: str) -> SessionInfo | None:
+    row = conn.execute(select(sessions_table).where(_s.id == session_id)).first()
+    return _info(row) if row is not None else None
+
+
+class SessionRepository(Repository):
+    """Sessions. Expiry governs continuation only: nothing here deletes history unless asked to."""
+
+    def get(self, session_id: str) -> SessionInfo | None:
+        """The session as stored, expired or not, without touching it."""
+        with self.engine.connect() as conn:
+            return select_session(conn, session_id)
+
+    def detail(self, session_id: str) -> SessionDetail | None:
+        """The session with its request count."""
+        with self.engine.connect() as conn:
+            info = select_session(conn, session_id)
+            if info is None:
+                return None
+            count = conn.execute(
+                select(func.count()).where(requests_table.c.session_id == session_id)
+            ).scalar_one()
+        return SessionDetail(info, int(count))
+
+    def list(self, filter: SessionFilter | None = None, page: Pagination | None = None) -> Page[SessionInfo]:
+        """Sessions, most recently used first unless ``page`` says otherwise; the cursor is a session
+        id."""
+        f, p = filter or SessionFilter(), page or Pagination()
+        key = sessions_table.c[p.column(SESSION_ORDER)]
+        query = select(sessions_table)
+        if f.active is not None:
+            now = now_ms()
+            query = query.where(_s.expires_at > now if f.active else _s.expires_at <= now)
+        if f.since is not None:
+            query = query.where(_s.created_at >= f.since)
+        if f.until is not None:
+            query = query.where(_s.created_at <= f.until)
+        after = None if p.after is None else str(p.after)
+        with self.engine.connect() as conn:
+            rows, more, total = paginate(
+                conn,
+                query,
+                key=key,
+                tiebreak=_s.id,
+                page=p if after is None else dataclasses.replace(p, after=after),
+                after_key=lookup_key(key, _s.id),
+            )
+        return Page(
+            [_info(row) for row in rows],
+            limit=p.limit,
+            has_more=more,
+            offset=p.offset if after is None else None,
+            after=after,
+            total=total,
+        )
+
+    def create(
+        self, session_id: str, first_user_message: str, ttl_ms: int, *, chat_id: str | None = None
+    ) -> SessionInfo:
+        """Create the session, or renew it if it exists (expired ones lose chat_id and parent_id)."""
+        now = now_ms()
+        with self.engine.begin() as conn:
+            upsert_sessions(conn, [session_row(session_id, first_user_message, 0, now, ttl_ms)])
+            if chat_id is not None:
+                conn.execute(
+                    update(sessions_table)
+                    .where(_s.id == session_id)
+                    .values(chat_id=chat_id, ids_updated_at=now)
+                )
+            info = select_session(conn, session_id)
+        assert info is not None
+        return info
+
+    def touch(self, session_id: str, ttl_ms: int) -> SessionInfo | None:
+        """The live session with its expiry slid forward; None if missing or expired."""
+        now = now_ms()
+        with self.engine.begin() as conn:
+            touched = conn.execute(
+                update(sessions_table)
+                .where(_s.id == session_id, _s.expires_at > now)
+                .values(last_accessed=now, expires_at=now + ttl_ms)
+            ).rowcount
+            return select_session(conn, session_id) if touched else None
+
+    def set_ids(self, session_id: str, ttl_ms: int, values: dict[str, str | None]) -> bool:
+        """Set ``chat_id`` and/or ``parent_id`` (the keys of ``values``) as the app reports them now,
+        renewing the session."""
+        now = now_ms()
+        # Setting one upstream id on an expired session starts a new conversation under the old id: the
+        # other id belongs to the old conversation and is cleared, as a renewal would.
+        assignments: dict[str, Any] = dict(values)
+        for name in ("chat_id", "parent_id"):
+            if name not in assignments:
+                assignments[name] = case((_s.expires_at <= now, None), else_=_s[name])
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(sessions_table)
+                .where(_s.id == session_id)
+                .values(
+                    updated_at=now,
+                    last_accessed=now,
+                    expires_at=now + ttl_ms,
+                    ids_updated_at=now,  # set by the app now: newer than any exchange before
+                    **assignments,
+                )
+            )
+        return bool(result.rowcount)
+
+    def delete(self, session_id: str) -> bool:
+        """Delete a session with all its requests and responses."""
+        with self.engine.begin() as conn:
+            ids = list(
+                conn.execute(
+                    select(requests_table.c.id).where(requests_table.c.session_id == session_id)
+                ).scalars()
+            )
+            delete_exchanges(conn, ids)
+            return bool(conn.execute(delete(sessions_table).where(_s.id == session_id)).rowcount)
+
+    def purge_expired(self, *, batch_size: int = 1000, now: int | None = None) -> int:
+        """Delete expired sessions with their history, ``batch_size`` sessions per short transaction;
+        returns how many sessions were deleted."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        removed = 0
+        while True:
+            with self.engine.begin() as conn:
+                cutoff = now_ms() if now is None else now
+                ids = list(
+                    conn.execute(select(_s.id).where(_s.expires_at <= cutoff).limit(batch_size)).scalars()
+                )
+                requests = list(
+                    conn.execute(
+                        select(requests_table.c.id).where(requests_table.c.session_id.in_(ids))
+                    ).scalars()
+                )
+                delete_exchanges(conn, requests)
+                count = conn.execute(delete(sessions_table).where(_s.id.in_(ids))).rowcount if ids else 0
+            removed += count
+            if len(ids) < batch_size:
+                return removed
+
+    def metrics(self) -> dict[str, int]:
+        """``active`` (not expired) and ``total`` sessions."""
+        with self.engine.connect() as conn:
+            total, active = conn.execute(
+                select(func.count(), func.coalesce(func.sum(case((_s.expires_at > now_ms(), 1), else_=0)), 0))
+            ).one()
+        return {"active": int(active), "total": int(total)}
+
+    aget = in_thread(get)
+    adetail = in_thread(detail)
+    alist = in_thread(list)
+    acreate = in_thread(create)
+    atouch = in_thread(touch)
+    aset_ids = in_thread(set_ids)
+    adelete = in_thread(delete)
+    apurge_expired = in_thread(purge_expired)
+    ametrics = in_thread(metrics)
