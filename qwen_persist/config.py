@@ -53,6 +53,7 @@ DEFAULT_QUEUE_SIZE = 10_000
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_FLUSH_INTERVAL = 0.05
 DEFAULT_SPILL_DIR = "qwen_persist_spill"
+DEFAULT_API_PREFIX = "/v1"
 
 
 class ConfigurationError(ValueError):
@@ -76,6 +77,14 @@ class Settings:
     response_headers: frozenset[str] = frozenset(DEFAULT_RESPONSE_HEADERS)
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES
+    # The HTTP API (history, Stored Completions): on with tokens or api_anonymous, else off.
+    api_tokens: tuple[str, ...] = ()
+    api_anonymous: bool = False
+    api_prefix: str = DEFAULT_API_PREFIX
+
+    @property
+    def api_enabled(self) -> bool:
+        return bool(self.api_tokens) or self.api_anonymous
 
     @property
     def session_ttl_ms(self) -> int:
@@ -173,6 +182,9 @@ def build_settings(
     response_headers: Iterable[str] | None = None,
     shutdown_timeout: float | None = None,
     spill_max_bytes: int | None = None,
+    api_token: str | Iterable[str] | None = None,
+    api_anonymous: bool | None = None,
+    api_prefix: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Resolve every option (argument, else environment, else default) and fail on nonsense."""
@@ -228,6 +240,7 @@ def build_settings(
 
     if redact is not None and not callable(redact):
         raise ConfigurationError("redact must be a callable (body, kind) -> body or None")
+    tokens, anonymous, prefix = api_options(api_token, api_anonymous, api_prefix, env)
 
     return Settings(
         database_url=url,
@@ -286,7 +299,43 @@ def build_settings(
             integer=True,
             minimum=1024 * 1024,
         ),
+        api_tokens=tokens,
+        api_anonymous=anonymous,
+        api_prefix=prefix,
     )
+
+
+def api_options(
+    api_token: str | Iterable[str] | None,
+    api_anonymous: bool | None,
+    api_prefix: str | None,
+    env: Mapping[str, str],
+) -> tuple[tuple[str, ...], bool, str]:
+    """The API's tokens, anonymous flag and prefix: arguments, else ``QWEN_PERSIST_API_TOKEN`` (several
+    comma-separated, for rotation), ``QWEN_PERSIST_API_ANONYMOUS`` and ``QWEN_PERSIST_API_PREFIX``."""
+    if isinstance(api_token, str):
+        given: list[str] | None = [api_token]
+    elif api_token is None:
+        given = None
+    else:
+        given = _strings("api_token", api_token)
+    raw = given if given is not None else (_env("API_TOKEN", env) or "").split(",")
+    tokens = tuple(dict.fromkeys(token.strip() for token in raw if token.strip()))
+    if given is not None and not tokens:
+        raise ConfigurationError("api_token is empty; leave it out to keep the API off")
+    for token in tokens:
+        if not token.isprintable() or any(c.isspace() for c in token):
+            raise ConfigurationError("api_token: a token must be printable, without spaces")
+    anonymous = _flag("api_anonymous", api_anonymous, _env("API_ANONYMOUS", env))
+    if tokens and anonymous:
+        raise ConfigurationError("api_anonymous=True and api_token contradict each other; choose one")
+    if api_prefix is not None and not isinstance(api_prefix, str):
+        raise ConfigurationError(f"api_prefix must be a path such as '/v1', got {api_prefix!r}")
+    prefix = api_prefix if api_prefix is not None else (_env("API_PREFIX", env) or DEFAULT_API_PREFIX)
+    prefix = prefix.strip().rstrip("/")
+    if prefix and (not prefix.startswith("/") or "{" in prefix or "}" in prefix):
+        raise ConfigurationError(f"api_prefix must be a path such as '/v1' or '/admin', got {api_prefix!r}")
+    return tokens, anonymous, prefix
 
 
 def _names(name: str, value: Iterable[str] | None, env: str | None, default: Iterable[str]) -> list[str]:

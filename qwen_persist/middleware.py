@@ -15,8 +15,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.exc import NoSuchModuleError
+from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .api.app import build_api, handles
 from .config import ConfigurationError, Settings, build_settings
 from .encodings import parse_content_encoding
 from .engine import WRITER_LOCK_TIMEOUT, make_engine
@@ -24,6 +26,7 @@ from .exchange import SCOPE_KEY, Exchange
 from .paths import PathMatcher, route_path
 from .records import CapturedRequest, CapturedResponse, StreamHandoff
 from .redaction import Redactor
+from .repositories import History
 from .sessions import (
     CaptureIds,
     SessionManager,
@@ -69,6 +72,9 @@ class PersistenceMiddleware:
         response_headers: Iterable[str] | None = None,
         shutdown_timeout: float | None = None,
         spill_max_bytes: int | None = None,
+        api_token: str | Iterable[str] | None = None,
+        api_anonymous: bool | None = None,
+        api_prefix: str | None = None,
     ) -> None:
         self.app = app
         try:
@@ -88,6 +94,9 @@ class PersistenceMiddleware:
                 response_headers=response_headers,
                 shutdown_timeout=shutdown_timeout,
                 spill_max_bytes=spill_max_bytes,
+                api_token=api_token,
+                api_anonymous=api_anonymous,
+                api_prefix=api_prefix,
             )
             try:
                 self.engine = make_engine(self.settings.database_url, lock_timeout=WRITER_LOCK_TIMEOUT)
@@ -110,12 +119,21 @@ class PersistenceMiddleware:
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         self._published = False
         self._capture_ids = CaptureIds()
+        self.history: History | None = None
+        self._api: Starlette | None = None
+        if self.settings.api_enabled:
+            self.history = History(self.engine)
+            self._api = build_api(
+                self.history, tokens=self.settings.api_tokens, prefix=self.settings.api_prefix
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._published:
             self._publish(scope)
         if scope["type"] == "http" and scope["method"] == "POST" and self._paths(route_path(scope)):
             await _ExchangeResponder(self, scope)(receive, send)
+        elif self._api is not None and scope["type"] == "http" and handles(self._api, scope):
+            await self._api(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self.app(scope, receive, _LifespanSend(self, send))
         else:
@@ -140,6 +158,8 @@ class PersistenceMiddleware:
     async def aclose(self, timeout: float | None = None) -> WriterStats:
         """Store everything still queued; what the database cannot take within ``timeout`` seconds
         (default: the ``shutdown_timeout`` option) is in the journal when this returns."""
+        if self.history is not None:
+            self.history.close()  # the engine is the writer's: it disposes of it
         return await self.writer.aclose(self.settings.shutdown_timeout if timeout is None else timeout)
 
     def _request_id(self, offered: str | None) -> str:
