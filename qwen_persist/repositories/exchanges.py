@@ -43,7 +43,8 @@ def succeeded(responses: Any = _resp) -> ColumnElement[bool]:
 
 
 def request_conditions(f: RequestFilter) -> tuple[list[ColumnElement[bool]], bool]:
-    """The WHERE terms for ``f`` and whether they need the responses table joined."""
+    """The WHERE terms for ``f``, and whether they need a response (an inner join to the responses: the
+    planner may then start from a responses index, such as the failures' partial index)."""
     terms: list[ColumnElement[bool]] = []
     if f.session_id is not None:
         terms.append(_req.session_id == f.session_id)
@@ -55,15 +56,15 @@ def request_conditions(f: RequestFilter) -> tuple[list[ColumnElement[bool]], boo
         terms.append(_req.timestamp >= f.since)
     if f.until is not None:
         terms.append(_req.timestamp <= f.until)
-    joined = False
+    answered = False
     if f.has_error is not None:
-        joined = True
         # No response yet is not an error: a request in flight counts as "no error".
         terms.append(failed() if f.has_error else not_failed())
+        answered = f.has_error
     if f.status_code is not None:
-        joined = True
         terms.append(_resp.status_code == f.status_code)
-    return terms, joined
+        answered = True
+    return terms, answered
 
 
 def response_conditions(f: ResponseFilter) -> list[ColumnElement[bool]]:
@@ -93,11 +94,16 @@ def exchange_from_row(row: Any) -> ExchangeRecord:
     return ExchangeRecord(RequestRecord.from_row(mapping), response)
 
 
-def exchanges_query() -> Select[Any]:
-    """Requests with their responses (outer join): the columns `exchange_from_row` reads."""
-    return select(requests_table, *_RESPONSE_LABELS).select_from(
-        requests_table.outerjoin(responses_table, responses_table.c.request_id == requests_table.c.id)
-    )
+def _joined(answered: bool) -> Any:
+    """Requests with their responses: only the answered ones (inner join), or all (outer join)."""
+    if answered:
+        return requests_table.join(responses_table, _resp.request_id == _req.id)
+    return requests_table.outerjoin(responses_table, _resp.request_id == _req.id)
+
+
+def exchanges_query(answered: bool = False) -> Select[Any]:
+    """Requests with their responses: the columns `exchange_from_row` reads."""
+    return select(requests_table, *_RESPONSE_LABELS).select_from(_joined(answered))
 
 
 def _cursor_id(page: Pagination) -> Pagination:
@@ -139,10 +145,8 @@ class RequestRepository(Repository):
     ) -> Page[RequestRecord]:
         """Requests matching ``filter``, newest first unless ``page`` says otherwise."""
         f, p = filter or RequestFilter(), _cursor_id(page or Pagination())
-        terms, joined = request_conditions(f)
-        query = select(requests_table)
-        if joined:
-            query = query.select_from(requests_table.outerjoin(responses_table, _resp.request_id == _req.id))
+        terms, answered = request_conditions(f)
+        query = select(requests_table).select_from(_joined(answered))
         return self._page(query.where(*terms), p, lambda row: RequestRecord.from_row(row._mapping))
 
     def exchanges(
@@ -151,8 +155,8 @@ class RequestRepository(Repository):
         """Requests with their responses, matching ``filter``, newest first unless ``page`` says
         otherwise."""
         f, p = filter or RequestFilter(), _cursor_id(page or Pagination())
-        terms, _ = request_conditions(f)
-        return self._page(exchanges_query().where(*terms), p, exchange_from_row)
+        terms, answered = request_conditions(f)
+        return self._page(exchanges_query(answered).where(*terms), p, exchange_from_row)
 
     def _page(self, query: Select[Any], page: Pagination, convert: Any) -> Page[Any]:
         key = requests_table.c[page.column(REQUEST_ORDER)]
@@ -175,8 +179,8 @@ class RequestRepository(Repository):
         """Every matching exchange, oldest first (by id) unless ``descending``, read in batches by cursor:
         constant memory however many there are, and each batch a short read."""
         f = filter or RequestFilter()
-        terms, _ = request_conditions(f)
-        query = exchanges_query().where(*terms)
+        terms, answered = request_conditions(f)
+        query = exchanges_query(answered).where(*terms)
         after: int | None = None
         while True:
             batch = query
