@@ -12,6 +12,14 @@ from .engine import make_engine
 from .exchange import Exchange, current_exchange
 from .middleware import PersistenceMiddleware, middleware_of
 from .models import metadata
+from .repositories import (
+    History,
+    InvalidParameter,
+    Pagination,
+    RequestFilter,
+    ResponseFilter,
+    SessionFilter,
+)
 from .sessions import SessionInfo, SessionManager
 from .sse import ServerSentEvent, SSEDecoder
 from .writer import WriterStats
@@ -20,9 +28,15 @@ __all__ = [
     "ChatCompletionAccumulator",
     "ConfigurationError",
     "Exchange",
+    "History",
+    "InvalidParameter",
+    "Pagination",
     "PersistenceMiddleware",
+    "RequestFilter",
+    "ResponseFilter",
     "SSEDecoder",
     "ServerSentEvent",
+    "SessionFilter",
     "SessionInfo",
     "SessionManager",
     "Settings",
