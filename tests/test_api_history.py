@@ -420,7 +420,8 @@ def test_list_requests_time_range(live: Live) -> None:
     rows = stored_exchanges(live.url)
     stamps = sorted(q.timestamp for q, _ in rows)
     low, high = stamps[len(stamps) // 4], stamps[3 * len(stamps) // 4]
-    for since, until in ((low, high), (iso(low), iso(high))):
+    zulu = (iso(low).replace("+00:00", "Z"), iso(high).replace("+00:00", "z"))
+    for since, until in ((low, high), (iso(low), iso(high)), zulu):
         listed = every(live.api, "/v1/requests", since=since, until=until)
         assert sorted(item["id"] for item in listed) == sorted(
             q.id for q, _ in rows if low <= q.timestamp <= high

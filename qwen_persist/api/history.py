@@ -118,18 +118,21 @@ def _exchange_id(record: ExchangeRecord) -> int:
     return record.request.id
 
 
-def _numeric_id(request: Request, what: str) -> int:
-    raw: str = request.path_params["id"]
+def _row_id(request: Request) -> int:
+    """The numeric row id in the path."""
+    return check_id(request.path_params["id"], "id")
+
+
+def _request_row_id(request: Request) -> int:
     try:
-        return check_id(raw, "id")
+        return _row_id(request)
     except InvalidParameter as exc:
-        if what != "request":
-            raise
         # Most likely the X-Request-Id a client received: say where that one is looked up.
+        raw = request.path_params["id"]
         other = request.url.path.rsplit("/", 1)[0] + "/by-request-id/" + raw
         raise InvalidParameter(
             "id",
-            f"{exc.message}; {what} ids here are the numeric row ids, look up an X-Request-Id at {other}",
+            f"{exc.message}; request ids here are the numeric row ids, look up an X-Request-Id at {other}",
         ) from None
 
 
@@ -143,7 +146,7 @@ async def list_requests(request: Request) -> Response:
 
 async def get_request(request: Request) -> Response:
     read_query(request, ())
-    id = _numeric_id(request, "request")
+    id = _request_row_id(request)
     record = await history(request).requests.aexchange(id)
     if record is None:
         raise not_found("request", id)
@@ -162,7 +165,7 @@ async def get_request_by_request_id(request: Request) -> Response:
 async def delete_request(request: Request) -> Response:
     """The request with its response; its session stays."""
     read_query(request, ())
-    id = _numeric_id(request, "request")
+    id = _request_row_id(request)
     if not await history(request).requests.adelete(id):
         raise not_found("request", id)
     return JSON({"id": id, "object": "request.deleted", "deleted": True})
@@ -193,7 +196,7 @@ async def list_responses(request: Request) -> Response:
 
 async def get_response(request: Request) -> Response:
     read_query(request, ())
-    id = _numeric_id(request, "response")
+    id = _row_id(request)
     record = await history(request).responses.aget(id)
     if record is None:
         raise not_found("response", id)
