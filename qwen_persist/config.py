@@ -324,8 +324,9 @@ def api_options(
     if given is not None and not tokens:
         raise ConfigurationError("api_token is empty; leave it out to keep the API off")
     for token in tokens:
-        if not token.isprintable() or any(c.isspace() for c in token):
-            raise ConfigurationError("api_token: a token must be printable, without spaces")
+        # ASCII, as a bearer token's characters are (RFC 6750): a header carries nothing else reliably.
+        if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+            raise ConfigurationError("api_token: a token must be printable ASCII, without spaces")
     anonymous = _flag("api_anonymous", api_anonymous, _env("API_ANONYMOUS", env))
     if tokens and anonymous:
         raise ConfigurationError("api_anonymous=True and api_token contradict each other; choose one")
@@ -334,7 +335,7 @@ def api_options(
     prefix = api_prefix if api_prefix is not None else (_env("API_PREFIX", env) or DEFAULT_API_PREFIX)
     prefix = prefix.strip().rstrip("/")
     if prefix and (not prefix.startswith("/") or "{" in prefix or "}" in prefix):
-        raise ConfigurationError(f"api_prefix must be a path such as '/v1' or '/admin', got {api_prefix!r}")
+        raise ConfigurationError(f"api_prefix must be a path such as '/v1' or '/admin', got {prefix!r}")
     return tokens, anonymous, prefix
 
 

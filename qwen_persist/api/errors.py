@@ -3,13 +3,17 @@ so the openai SDK raises its usual exception classes (``BadRequestError``, ``Not
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..repositories import InvalidParameter
+
+log = logging.getLogger("qwen_persist")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -72,8 +76,17 @@ async def _http_exception(_: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
 
+async def _database_error(_: Request, exc: Exception) -> Response:
+    # A database that is down, locked or not migrated yet is a passing condition of the service, not a
+    # fault of the request: a 503 the client may retry, and one log line instead of a traceback.
+    assert isinstance(exc, DBAPIError)
+    log.error("qwen_persist API: the database could not answer: %s", exc.orig)
+    return error_response(503, "The database could not answer; try again later.", code="database_unavailable")
+
+
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiError: _api_error,
     InvalidParameter: _invalid_parameter,
     HTTPException: _http_exception,
+    DBAPIError: _database_error,
 }

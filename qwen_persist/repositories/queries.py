@@ -54,6 +54,8 @@ def parse_time(value: Any, param: str = "time") -> int:
     text = value.strip()
     if text.isdigit():
         return _checked_ms(int(text), param)
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"  # Python 3.10's fromisoformat does not read the Z suffix
     try:
         if len(text) == 10:
             day = date.fromisoformat(text)
