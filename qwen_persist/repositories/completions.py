@@ -11,6 +11,9 @@ may repeat ids (some local servers always answer ``chatcmpl-1``); the newest res
 every stored completion has an id of its own and pages never show one twice. ``response_id`` finds any
 of them.
 
+Order: lists follow the requests' arrival (then row id), the order of the completions' ``created`` that
+OpenAI lists by; the requests' time and (model, time) indexes give it without sorting.
+
 Metadata: ``requests.metadata`` holds the client's OpenAI ``metadata`` together with a few keys the library
 writes itself (`LIBRARY_METADATA_KEYS`). The client's metadata is everything else: what is shown, what
 ``metadata[key]=value`` filters on, and what `CompletionRepository.update_metadata` replaces; the library's
@@ -36,6 +39,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    true,
     type_coerce,
     update,
 )
@@ -180,8 +184,21 @@ class CompletionFilter:
 # ------------------------------------------------------------------------------------------------- SQL
 
 
+def walked(condition: ColumnElement[bool]) -> ColumnElement[bool]:
+    """``condition``, in a form no planner estimates from (``CASE WHEN … THEN true ELSE false END``).
+
+    Lists stop after one page only when the database walks a time index and filters as it goes. Left
+    bare, SQLite reads a success range off the (status_code, timestamp) index and PostgreSQL takes a JSON
+    test or metadata match for rare (1/200, 1/1000: it has no statistics for them), and both then sort
+    every match to return twenty. The form they cannot see through is estimated as common (PostgreSQL:
+    one row in two), which it is; a rare metadata value costs a scan in any plan, no index holds them.
+    """
+    return case((condition, true()), else_=false())
+
+
 def stored(responses: Any = _resp) -> ColumnElement[bool]:
-    """A stored completion: a complete, successful answer whose body is a ``chat.completion``."""
+    """A stored completion: a complete, successful answer (`exchanges.succeeded`: 2xx/3xx, no error)
+    whose body is a ``chat.completion``."""
     return and_(
         succeeded(responses), responses.openai_response["object"].as_string() == literal("chat.completion")
     )
@@ -205,7 +222,7 @@ def client_id() -> ColumnElement[str]:
 
 
 def _query() -> Any:
-    return exchanges_query(answered=True).add_columns(client_id()).where(stored())
+    return exchanges_query(answered=True).add_columns(client_id()).where(walked(stored()))
 
 
 def _completion(row: Any) -> StoredCompletion:
@@ -258,7 +275,10 @@ def _filter_terms(dialect: str, f: CompletionFilter) -> list[ColumnElement[bool]
         terms.append(_req.model == f.model)
     for index, (key, value) in enumerate((f.metadata or {}).items()):
         # The library's keys are never client metadata: no stored completion has them.
-        terms.append(false() if key in LIBRARY_METADATA_KEYS else _metadata_term(dialect, index, key, value))
+        if key in LIBRARY_METADATA_KEYS:
+            terms.append(false())
+        else:
+            terms.append(walked(_metadata_term(dialect, index, key, value)))
     return terms
 
 
@@ -278,8 +298,10 @@ class CompletionRepository(Repository):
     def list(
         self, filter: CompletionFilter | None = None, page: Pagination | None = None
     ) -> Page[StoredCompletion]:
-        """Stored completions matching ``filter``, oldest first (by the response's end, then id) unless
-        ``page`` says otherwise (OpenAI's default order; 20 a page). ``page.after`` is a completion id."""
+        """Stored completions matching ``filter``, oldest first unless ``page`` says otherwise (OpenAI's
+        default; 20 a page), by the request's arrival, then id: the order of the completions' ``created``,
+        which OpenAI lists by, read in the order of the requests' time and (model, time) indexes.
+        ``page.after`` is a completion id."""
         f = filter or CompletionFilter()
         p = page or Pagination(limit=DEFAULT_LIMIT, descending=False)
         p.column(COMPLETION_ORDER)
@@ -291,13 +313,13 @@ class CompletionRepository(Repository):
                 row = _find(conn, str(p.after))
                 if row is None:
                     raise InvalidParameter("after", f"no stored chat completion has id {p.after!r}")
-                after_time = row._mapping["response_timestamp"]
-                cursor = dataclasses.replace(p, after=row._mapping["response_id"])  # the row id
+                after_time = row._mapping["timestamp"]
+                cursor = dataclasses.replace(p, after=row._mapping["id"])  # the request's row id
             rows, more, total = paginate(
                 conn,
                 query,
-                key=_resp.timestamp,
-                tiebreak=_resp.id,
+                key=_req.timestamp,
+                tiebreak=_req.id,
                 page=cursor,
                 after_key=lambda _conn, _after: after_time,
             )
