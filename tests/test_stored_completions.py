@@ -68,6 +68,13 @@ def recorded(module_database_url: str, tmp_path_factory: pytest.TempPathFactory)
     upgrade(module_database_url)
     traffic = record_traffic(module_database_url, tmp_path_factory.mktemp("traffic"), rounds=3)
     history = History(module_database_url)
+    answered = [
+        exchange.response is not None
+        for seen in traffic.seen
+        if (exchange := history.requests.exchange_by_request_id(seen.request_id)) is not None
+    ]
+    # Every test below counts on the whole recording; say so plainly when the recording itself fell short.
+    assert len(traffic.seen) == 30 and answered == [True] * 30, "the recorded traffic is incomplete"
     with serve(create_app(module_database_url, api_token=TOKEN)) as api:
         client = openai.OpenAI(base_url=f"{api}/v1", api_key=TOKEN, max_retries=0)
         yield Recorded(client, traffic, history, module_database_url)
