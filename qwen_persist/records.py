@@ -18,6 +18,7 @@ from typing import Any
 from . import jsonlib
 from .bodies import (
     MAX_DEPTH,
+    NUL_MARKER,
     decode_json_body,
     escape_nul,
     escape_text,
@@ -196,6 +197,9 @@ def request_op(
     kept = stored if isinstance(stored, dict) else {}
     user, metadata = kept.get("user"), kept.get("metadata")
     metadata = dict(metadata) if isinstance(metadata, dict) else None
+    if metadata is not None and kept.get(NUL_MARKER) is True:
+        # Taken from a body stored NUL-escaped: marked as escaped too, so reads restore it (restore_nul).
+        metadata[NUL_MARKER] = True
     messages = message_count(body)
     if not record.body_complete and problem is None:
         problem = "body_incomplete"

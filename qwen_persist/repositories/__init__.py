@@ -6,6 +6,7 @@
     page = history.requests.exchanges(RequestFilter(model="qwen-max"), Pagination(limit=20))
     stats = history.stats.summary(RequestFilter(since=parse_time("2026-11-24")), group_by=["model"])
     detail = await history.sessions.adetail(session_id)   # the async twin: off the event loop
+    completion = history.completions.get("chatcmpl-...")   # a stored completion, by the id the client saw
 
 The writer (`writes.write_ops`), `SessionManager`, the history HTTP API, the Stored Completions API and
 the CLI all go through these classes.
@@ -18,6 +19,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from sqlalchemy import Engine
 
 from ..engine import make_engine
+from .completions import LIBRARY_METADATA_KEYS, CompletionFilter, CompletionRepository, StoredCompletion
 from .exchanges import RequestRepository, ResponseRepository
 from .queries import (
     InvalidParameter,
@@ -34,6 +36,9 @@ from .sessions import SessionRepository
 from .stats import StatsRepository
 
 __all__ = [
+    "LIBRARY_METADATA_KEYS",
+    "CompletionFilter",
+    "CompletionRepository",
     "ExchangeRecord",
     "History",
     "InvalidParameter",
@@ -51,6 +56,7 @@ __all__ = [
     "SessionRepository",
     "StatsRepository",
     "StatsRow",
+    "StoredCompletion",
     "parse_duration",
     "parse_since",
     "parse_time",
@@ -60,7 +66,8 @@ READ_THREADS = 4  # reads in flight at once from the async face; more wait their
 
 
 class History:
-    """The repositories over one database: ``sessions``, ``requests``, ``responses``, ``stats``.
+    """The repositories over one database: ``sessions``, ``requests``, ``responses``, ``stats``, and
+    ``completions`` (the exchanges as OpenAI's Stored Completions API sees them).
 
     Give a URL (the engine is made, and disposed by `close`) or an engine of your own (left open). The
     async methods (``a``-prefixed) run in a small thread pool of the History's own, so a burst of
@@ -78,6 +85,7 @@ class History:
         self.requests = RequestRepository(self.engine, self.executor)
         self.responses = ResponseRepository(self.engine, self.executor)
         self.stats = StatsRepository(self.engine, self.executor)
+        self.completions = CompletionRepository(self.engine, self.executor)
 
     def close(self) -> None:
         """Stop the thread pool (when it is the History's own) and dispose of the engine (when made
