@@ -19,72 +19,26 @@ What counts as a stored completion, which id it has, and what its metadata is: s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from .. import jsonlib
-from ..repositories import History, InvalidParameter, Page, Pagination
+from ..repositories import InvalidParameter, Page, Pagination
 from ..repositories.completions import DEFAULT_LIMIT, MAX_LIMIT, CompletionFilter, StoredCompletion
 from ..repositories.queries import parse_int
 from .errors import ApiError, not_found
+from .params import read_pairs, read_query
+from .responses import JSON, answer, history
 
 T = TypeVar("T")
 
 PAGE_PARAMETERS = ("after", "limit", "order")
 LIST_PARAMETERS = (*PAGE_PARAMETERS, "model")
-# Azure OpenAI clients add api-version to every request; it selects nothing here.
-IGNORED = ("api-version",)
 # An update carries at most 16 short pairs; a body far larger than that is not an update.
 MAX_UPDATE_BYTES = 64 * 1024
-
-
-class _JSON(JSONResponse):
-    """JSON encoded by the package's codec (compact, non-ASCII as is)."""
-
-    def render(self, content: Any) -> bytes:
-        try:
-            return jsonlib.dumps(content).encode("utf-8")
-        except UnicodeEncodeError:
-            # A lone surrogate in a stored string has no UTF-8 form; JSON's \u escape carries it.
-            return json.dumps(content, separators=(",", ":")).encode("ascii")
-
-
-def _store(request: Request) -> History:
-    store: History = request.app.state.history
-    return store
-
-
-def _query(request: Request, accepted: tuple[str, ...], *, metadata: bool = False) -> dict[str, Any]:
-    """One value per parameter; unknown names (a typo would otherwise list everything), repeated names
-    and empty values are 400s (``api-version`` aside, which Azure clients always send).
-    ``metadata[key]=value`` pairs, when accepted, come back under ``"metadata"``."""
-    values: dict[str, Any] = {}
-    pairs: dict[str, str] = {}
-    for name, value in request.query_params.multi_items():
-        if name in IGNORED:
-            continue
-        if metadata and name.startswith("metadata[") and name.endswith("]"):
-            key = name[len("metadata[") : -1]
-            if key in pairs:
-                raise InvalidParameter(name, "given more than once")
-            pairs[key] = value
-            continue
-        if name not in accepted:
-            known = ", ".join((*accepted, "metadata[key]") if metadata else accepted)
-            raise InvalidParameter(name, f"unknown parameter (accepted here: {known})")
-        if name in values:
-            raise InvalidParameter(name, "given more than once")
-        if not value:
-            raise InvalidParameter(name, "is empty; leave it out instead")
-        values[name] = value
-    if pairs:
-        values["metadata"] = pairs
-    return values
 
 
 def _pagination(query: dict[str, Any]) -> Pagination:
@@ -99,65 +53,68 @@ def _pagination(query: dict[str, Any]) -> Pagination:
     )
 
 
-def _cursor_page(page: Page[T], to_dict: Callable[[T], dict[str, Any]], id_of: Callable[[T], str]) -> _JSON:
+async def _cursor_page(
+    request: Request, page: Page[T], to_dict: Callable[[T], dict[str, Any]], id_of: Callable[[T], str]
+) -> JSON:
     """OpenAI's cursor page: the SDK's auto-pagination asks for ``after=<last id>`` while ``has_more``."""
-    return _JSON(
-        {
+    return await answer(
+        request,
+        lambda: {
             "object": "list",
             "data": [to_dict(item) for item in page.items],
             "first_id": id_of(page.items[0]) if page.items else None,
             "last_id": id_of(page.items[-1]) if page.items else None,
             "has_more": page.has_more,
-        }
+        },
     )
 
 
-async def list_completions(request: Request) -> _JSON:
-    query = _query(request, LIST_PARAMETERS, metadata=True)
+async def list_completions(request: Request) -> JSON:
+    query = read_query(request, LIST_PARAMETERS, pairs="metadata")
     page = _pagination(query)
-    found = await _store(request).completions.alist(
-        CompletionFilter(model=query.get("model"), metadata=query.get("metadata")), page
+    found = await history(request).completions.alist(
+        CompletionFilter(model=query.get("model"), metadata=read_pairs(query, "metadata")), page
     )
-    return _cursor_page(found, StoredCompletion.to_openai, lambda completion: completion.id)
+    return await _cursor_page(request, found, StoredCompletion.to_openai, lambda completion: completion.id)
 
 
-async def retrieve_completion(request: Request) -> _JSON:
-    _query(request, ())
+async def retrieve_completion(request: Request) -> JSON:
+    read_query(request, ())
     completion_id = request.path_params["completion_id"]
-    completion = await _store(request).completions.aget(completion_id)
+    completion = await history(request).completions.aget(completion_id)
     if completion is None:
         raise not_found("chat completion", completion_id)
-    return _JSON(completion.to_openai())
+    return await answer(request, completion.to_openai)
 
 
-async def update_completion(request: Request) -> _JSON:
-    _query(request, ())
+async def update_completion(request: Request) -> JSON:
+    read_query(request, ())
     body = await _json_body(request)
     if not isinstance(body, dict) or "metadata" not in body:
         raise InvalidParameter("metadata", 'the body must be a JSON object with "metadata"')
     completion_id = request.path_params["completion_id"]
-    completion = await _store(request).completions.aupdate_metadata(completion_id, body["metadata"])
+    completion = await history(request).completions.aupdate_metadata(completion_id, body["metadata"])
     if completion is None:
         raise not_found("chat completion", completion_id)
-    return _JSON(completion.to_openai())
+    return await answer(request, completion.to_openai)
 
 
-async def delete_completion(request: Request) -> _JSON:
-    _query(request, ())
+async def delete_completion(request: Request) -> JSON:
+    read_query(request, ())
     completion_id = request.path_params["completion_id"]
-    deleted = await _store(request).completions.adelete(completion_id)
+    deleted = await history(request).completions.adelete(completion_id)
     if deleted is None:
         raise not_found("chat completion", completion_id)
-    return _JSON({"id": deleted, "object": "chat.completion.deleted", "deleted": True})
+    return JSON({"id": deleted, "object": "chat.completion.deleted", "deleted": True})
 
 
-async def list_messages(request: Request) -> _JSON:
-    page = _pagination(_query(request, PAGE_PARAMETERS))
+async def list_messages(request: Request) -> JSON:
+    page = _pagination(read_query(request, PAGE_PARAMETERS))
     completion_id = request.path_params["completion_id"]
-    found = await _store(request).completions.amessages(completion_id, page)
+    found = await history(request).completions.amessages(completion_id, page)
     if found is None:
         raise not_found("chat completion", completion_id)
-    return _cursor_page(found, lambda message: message, lambda message: str(message["id"]))
+    return await _cursor_page(request, found, lambda message: message, lambda message: str(message["id"]))
 
 
 async def _json_body(request: Request) -> Any:

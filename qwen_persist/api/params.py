@@ -20,20 +20,38 @@ TIME_RANGE = ("since", "until")
 REQUEST_FILTERS = ("session_id", "model", "stream", "since", "until", "has_error", "status_code")
 
 
-def read_query(request: Request, accepted: tuple[str, ...]) -> dict[str, str]:
+# Azure OpenAI clients add api-version to every request; it selects nothing here.
+IGNORED = ("api-version",)
+
+
+def read_query(request: Request, accepted: tuple[str, ...], *, pairs: str | None = None) -> dict[str, str]:
     """The query string as one value per name, after refusing names not in ``accepted``, repeated
-    names and empty values."""
+    names and empty values. With ``pairs="metadata"``, ``metadata[key]=value`` parameters are accepted
+    too (values may be empty), under their full names: `read_pairs` collects them."""
     values: dict[str, str] = {}
     for name, value in request.query_params.multi_items():
-        if name not in accepted:
-            known = ", ".join(accepted) if accepted else "none"
+        if name in IGNORED:
+            continue
+        paired = pairs is not None and name.startswith(pairs + "[") and name.endswith("]")
+        if name not in accepted and not paired:
+            known = ", ".join((*accepted, f"{pairs}[key]") if pairs else accepted) or "none"
             raise InvalidParameter(name, f"unknown parameter (accepted here: {known})")
         if name in values:
             raise InvalidParameter(name, "given more than once")
-        if not value.strip():
+        if not value.strip() and not paired:
             raise InvalidParameter(name, "is empty; leave it out instead")
         values[name] = value
     return values
+
+
+def read_pairs(query: Mapping[str, str], name: str) -> dict[str, str] | None:
+    """The ``name[key]=value`` parameters of a query `read_query` accepted, as ``{key: value}``."""
+    found = {
+        key[len(name) + 1 : -1]: value
+        for key, value in query.items()
+        if key.startswith(name + "[") and key.endswith("]")
+    }
+    return found or None
 
 
 def text(query: Mapping[str, str], name: str) -> str | None:
