@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qwen-persist", description="Record and inspect OpenAI-compatible chat completion traffic."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Imported here: the commands import this module's helpers.
+    from qwen_persist.commands import add_read_commands
+
+    add_read_commands(commands)
     add_db_commands(commands)
     add_replay_command(commands)
     demo.add_parser(commands)
