@@ -226,4 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m qwen_persist.cli` runs this file as __main__; the commands import qwen_persist.cli, so
+    # main must be that module's for the two to share one CLIError.
+    from qwen_persist import cli
+
+    sys.exit(cli.main())

@@ -101,6 +101,10 @@ class Output:
         self.file.flush()
 
     def table(self, columns: Sequence[Column], rows: Sequence[Sequence[Any]], *, footer: str = "") -> None:
+        """Rows under a header; with no rows, only the footer (which says so)."""
+        if not rows:
+            self.console.print(Text(footer, style="dim"))
+            return
         cells = [
             [self._cell(value, column) for value, column in zip(row, columns, strict=True)] for row in rows
         ]
