@@ -31,7 +31,8 @@ def _print(out: Output, exchange: ExchangeRecord) -> None:
     if first_byte != "-":
         timing += f" (ttfb {first_byte})"
     bad = not status.startswith(("2", "3"))
-    text = f"{when}  #{row_id}  {model}  {status}  {tokens} tok  {timing}  {request_id}  {session}  {preview}"
+    tokens = f"{tokens} tok  " if tokens != "-" else ""
+    text = f"{when}  #{row_id}  {model}  {status}  {tokens}{timing}  {request_id}  {session}  {preview}"
     out.line(text, style="red" if bad and out.terminal else "")
 
 
