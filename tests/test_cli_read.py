@@ -31,7 +31,7 @@ from qwen_persist.export import exchange_document
 from qwen_persist.migrate import upgrade
 from qwen_persist.repositories import History, RequestFilter
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 SYSTEM = "You are a weather assistant. Use the tool."
 WEATHER_TOOL: dict[str, Any] = {
     "type": "function",
@@ -593,3 +593,62 @@ def test_a_closed_pipe_ends_quietly(recorded: Recorded) -> None:
     )
     assert len(done.stdout) == 100
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_export_shows_a_progress_bar_on_a_terminal(recorded: Recorded, tmp_path: Path) -> None:
+    import pty
+
+    control, terminal = pty.openpty()
+    target = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100"}
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qwen_persist.cli",
+            "export",
+            "-o",
+            str(target),
+            "--database-url",
+            recorded.url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+        env=env,
+    )
+    os.close(terminal)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(control, 4096)
+        except OSError:  # the terminal closed with the child
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert child.wait(timeout=120) == 0
+    os.close(control)
+    text = ANSI.sub("", seen.decode("utf-8", "replace"))
+    assert "exporting" in text and f"{recorded.total}/{recorded.total}" in text  # the bar, counted out
+    assert f"exported {recorded.total} exchanges to {target} as jsonl" in text
+    assert len(target.read_text().splitlines()) == recorded.total
+    # Not when asked, nor when the data itself goes to the terminal's stream.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_persist.cli",
+            "export",
+            "--no-progress",
+            "-o",
+            str(target),
+            "--database-url",
+            recorded.url,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0 and "exporting" not in done.stderr

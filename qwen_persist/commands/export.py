@@ -91,7 +91,9 @@ def _export(args: argparse.Namespace) -> int:
             advance(written + skipped)
         where = args.output if to_file else "stdout"
         note = f", {skipped} skipped (not a successful chat completion)" if skipped else ""
-        stderr.print(f"exported {written} exchanges to {where} as {args.format}{note}", style="dim")
+        stderr.print(
+            f"exported {written} exchanges to {where} as {args.format}{note}", style="dim", soft_wrap=True
+        )
         return 0
 
     return run(args, body)
