@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qwen-persist", description="Record and inspect OpenAI-compatible chat completion traffic."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Imported here: the commands import this module's helpers.
+    from qwen_persist.commands import add_read_commands
+
+    add_read_commands(commands)
     add_db_commands(commands)
     add_replay_command(commands)
     demo.add_parser(commands)
@@ -222,4 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m qwen_persist.cli` runs this file as __main__; the commands import qwen_persist.cli, so
+    # main must be that module's for the two to share one CLIError.
+    from qwen_persist import cli
+
+    sys.exit(cli.main())

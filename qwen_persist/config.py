@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ class Settings:
     api_tokens: tuple[str, ...] = ()
     api_anonymous: bool = False
     api_prefix: str = DEFAULT_API_PREFIX
+    retention_ms: int | None = None  # history older than this is deleted in the background; None: kept
 
     @property
     def api_enabled(self) -> bool:
@@ -185,6 +187,7 @@ def build_settings(
     api_token: str | Iterable[str] | None = None,
     api_anonymous: bool | None = None,
     api_prefix: str | None = None,
+    retention: str | timedelta | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Resolve every option (argument, else environment, else default) and fail on nonsense."""
@@ -302,7 +305,39 @@ def build_settings(
         api_tokens=tokens,
         api_anonymous=anonymous,
         api_prefix=prefix,
+        retention_ms=retention_option(retention, _env("RETENTION", env)),
     )
+
+
+RETENTION_OFF = ("off", "none", "never")
+MIN_RETENTION_MS = 60_000
+
+
+def retention_option(value: str | timedelta | None, env: str | None) -> int | None:
+    """How old history may get, in ms: a duration (``"30d"``, ``"12h"``, a `timedelta`), else
+    ``QWEN_PERSIST_RETENTION``; None (the default, or ``"off"``) keeps everything."""
+    from .repositories.queries import InvalidParameter, parse_duration
+
+    source = "retention" if value is not None else f"{ENV_PREFIX}RETENTION"
+    raw: str | timedelta | None = value if value is not None else env
+    if raw is None:
+        return None
+    if isinstance(raw, timedelta):
+        ms = int(raw.total_seconds() * 1000)
+    elif isinstance(raw, str) and raw.strip().lower() in RETENTION_OFF:
+        return None
+    else:
+        try:
+            ms = parse_duration(raw, source) if isinstance(raw, str) else -1
+        except InvalidParameter:
+            ms = -1
+        if ms < 0:
+            raise ConfigurationError(
+                f"{source} must be a duration such as '30d', '12h' or '2w' (or 'off'), got {raw!r}"
+            )
+    if ms < MIN_RETENTION_MS:
+        raise ConfigurationError(f"{source} must be at least one minute, got {raw!r}")
+    return ms
 
 
 def api_options(

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shlex
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -72,8 +73,8 @@ def run_demo(database_url: str) -> int:
     print("qwen-persist demo")
     print("=================")
     transcript = asyncio.run(_converse(database_url))
-    _print_stored(database_url, transcript.request_ids)
-    _print_where(database_url)
+    session_id = _print_stored(database_url, transcript.request_ids)
+    _print_where(database_url, transcript.request_ids, session_id)
     return 0
 
 
@@ -219,7 +220,8 @@ def _say(who: str, text: object) -> None:
 # --- what was stored ------------------------------------------------------------------------------------
 
 
-def _print_stored(database_url: str, request_ids: Sequence[str]) -> None:
+def _print_stored(database_url: str, request_ids: Sequence[str]) -> str | None:
+    """Print the stored rows; returns the session of the first exchange."""
     engine = make_engine(database_url)
     try:
         with DbSession(engine) as db:
@@ -272,23 +274,37 @@ def _print_stored(database_url: str, request_ids: Sequence[str]) -> None:
             [q.id, r.status_code, r.finish_reason, tokens, r.first_byte_ms, r.duration_ms, _outcome(r)]
         )
     _table(["request", "status", "finish", "tokens", "ttfb ms", "total ms", "reply / error"], rows)
+    return requests[0].session_id if requests else None
 
 
-def _print_where(database_url: str) -> None:
+def _print_where(database_url: str, request_ids: Sequence[str], session_id: str | None) -> None:
     url = make_url(database_url)
     _heading("Where it is")
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         path = Path(url.database).resolve()
         print(f"   database:  {path}")
-        print("   look at it:")
-        print(f"     sqlite3 {path} 'select id, model, stream, request_id from requests order by id'")
-        print(
-            f"     sqlite3 -header -column {path} "
-            "'select request_id, status_code, finish_reason, total_tokens, error from responses'"
-        )
+        shown = f"sqlite:///{path}"
     else:
-        print(f"   database:  {url.render_as_string(hide_password=True)}")
-        print("   look at it with your SQL client: select * from sessions; requests; responses")
+        shown = url.render_as_string(hide_password=True)
+        print(f"   database:  {shown}")
+    option = f"--database-url {shlex.quote(shown)}"
+    print("   look at it with qwen-persist:")
+    commands = [
+        ("requests", "the exchanges, newest first"),
+        (
+            f"show {shlex.quote(session_id)}" if session_id else "sessions",
+            "the first conversation, turn by turn",
+        ),
+        (
+            f"show {request_ids[min(2, len(request_ids) - 1)]} --json" if request_ids else "requests --json",
+            "one exchange (a streamed tool call), as stored",
+        ),
+        ("stats --by model", "counts, errors, tokens, latency percentiles"),
+        ("export --format openai-chat -o train.jsonl", "fine-tuning data from the successful exchanges"),
+    ]
+    for command, what in commands:
+        print(f"     qwen-persist {command} {option}")
+        print(f"       # {what}")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], max_width: int = 32) -> None:

@@ -36,13 +36,53 @@ def loads(data: bytes | str) -> Any:
         raise ValueError("JSON nested past the parser's depth limit") from None
 
 
+class RawJSON:
+    """A JSON document kept as the text it was read as: `dumps` writes it as is, without parsing it
+    (what an export of stored documents needs). Not a dataclass: orjson would write its fields."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"RawJSON({self.text!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RawJSON) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def parse(self) -> Any:
+        return loads(self.text)
+
+
+def _raw(value: Any) -> Any:
+    if isinstance(value, RawJSON):
+        return orjson.Fragment(value.text)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+def _raw_parsed(value: Any) -> Any:
+    if isinstance(value, RawJSON):
+        return value.parse()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def dumps(value: Any) -> str:
     """Compact JSON text, non-ASCII kept as is; ``TypeError`` or ``ValueError`` when that cannot be."""
+    return dumpb(value).decode("utf-8")
+
+
+def dumpb(value: Any) -> bytes:
+    """`dumps` as UTF-8 bytes (the form orjson makes, so writing bytes saves a decode and an encode)."""
     try:
-        return orjson.dumps(value).decode("utf-8")
+        return orjson.dumps(value, default=_raw)
     except TypeError:
         # orjson also gives up past 254 levels of nesting, with a TypeError.
         try:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_raw_parsed)
         except RecursionError:
             raise ValueError("value nested past the JSON encoder's depth limit") from None
+        return text.encode("utf-8", "surrogatepass")

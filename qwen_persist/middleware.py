@@ -12,6 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.exc import NoSuchModuleError
@@ -27,6 +28,7 @@ from .paths import PathMatcher, route_path
 from .records import CapturedRequest, CapturedResponse, StreamHandoff
 from .redaction import Redactor
 from .repositories import History
+from .retention import Retention
 from .sessions import (
     CaptureIds,
     SessionManager,
@@ -75,6 +77,7 @@ class PersistenceMiddleware:
         api_token: str | Iterable[str] | None = None,
         api_anonymous: bool | None = None,
         api_prefix: str | None = None,
+        retention: str | timedelta | None = None,
     ) -> None:
         self.app = app
         try:
@@ -97,6 +100,7 @@ class PersistenceMiddleware:
                 api_token=api_token,
                 api_anonymous=api_anonymous,
                 api_prefix=api_prefix,
+                retention=retention,
             )
             try:
                 self.engine = make_engine(self.settings.database_url, lock_timeout=WRITER_LOCK_TIMEOUT)
@@ -113,6 +117,8 @@ class PersistenceMiddleware:
             raise
         self.writer = Writer(self.settings, self.engine)
         self.sessions = SessionManager(self.engine, ttl=self.settings.session_ttl)
+        retention_ms = self.settings.retention_ms
+        self.retention = Retention(self.engine, retention_ms) if retention_ms is not None else None
         self._paths = PathMatcher(self.settings.paths)
         self._session_header = self.settings.session_header.encode("latin-1")
         self._response_headers = frozenset(h.encode("latin-1") for h in self.settings.response_headers)
@@ -144,6 +150,8 @@ class PersistenceMiddleware:
         ``app.state.qwen_persist`` (Starlette and FastAPI) and ``request.state.qwen_persist`` (any
         server with ASGI lifespan state)."""
         self._published = True
+        if self.retention is not None:
+            self.retention.start()  # here too for servers without lifespan events
         app_state = getattr(scope.get("app"), "state", None)
         if app_state is not None:
             setattr(app_state, STATE_KEY, self)
@@ -160,6 +168,8 @@ class PersistenceMiddleware:
         (default: the ``shutdown_timeout`` option) is in the journal when this returns."""
         if self.history is not None:
             self.history.close()  # the engine is the writer's: it disposes of it
+        if self.retention is not None:
+            await asyncio.to_thread(self.retention.stop)
         return await self.writer.aclose(self.settings.shutdown_timeout if timeout is None else timeout)
 
     def _request_id(self, offered: str | None) -> str:
@@ -183,6 +193,8 @@ class _LifespanSend:
     async def __call__(self, message: Message) -> None:
         if message["type"] == "lifespan.startup.complete":
             self.middleware.writer.start()
+            if self.middleware.retention is not None:
+                self.middleware.retention.start()
         elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
             await self.middleware.aclose()
         await self.send(message)

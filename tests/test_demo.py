@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DbSession
 
+from qwen_persist.cli import main
 from qwen_persist.demo import add_parser, run_demo
 from qwen_persist.engine import make_engine
 from qwen_persist.models import Request, Response, Session
@@ -65,7 +67,8 @@ def test_demo_stores_the_conversation(demo_run: tuple[str, str, Path]) -> None:
 def test_demo_output_is_readable(demo_run: tuple[str, str, Path]) -> None:
     _, output, db_path = demo_run
     assert str(db_path.resolve()) in output
-    assert "sqlite3 " in output
+    assert f"qwen-persist requests --database-url sqlite:///{db_path.resolve()}\n" in output
+    assert "sqlite3" not in output and "select " not in output
     for heading in ("sessions", "requests", "responses"):
         assert f"\n{heading}\n" in output
     # No log noise: no uvicorn/httpx lines, no tracebacks, no warnings.
@@ -80,3 +83,30 @@ def test_demo_subcommand(tmp_path: Path) -> None:
     assert args.database_url.endswith("x.db")
     assert callable(args.handler)
     assert parser.parse_args(["demo"]).database_url == "sqlite:///qwen_persist.db"
+
+
+def test_the_commands_the_demo_suggests_work(
+    demo_run: tuple[str, str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, output, _ = demo_run
+    monkeypatch.chdir(tmp_path)
+    commands = [
+        line.strip()
+        for line in output.splitlines()
+        if line.strip().startswith("qwen-persist ") and "--database-url" in line
+    ]
+    assert [shlex.split(command)[1] for command in commands] == [
+        "requests",
+        "show",
+        "show",
+        "stats",
+        "export",
+    ]
+    for command in commands:
+        assert main(shlex.split(command)[1:]) == 0, command
+        out = capsys.readouterr().out
+        assert out or "export" in command
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 4  # the successful exchanges

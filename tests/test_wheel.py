@@ -81,3 +81,19 @@ def test_wheel_runs_migrations_without_a_checkout(tmp_path: Path) -> None:
     output = run(bin_dir / "qwen-persist", "demo", "--database-url", "sqlite:///demo.db", cwd=work, env=env)
     assert "What the proxy stored (3 sessions, 5 requests, 5 responses)" in output
     assert tables(work / "demo.db") >= TABLES
+    # And the read commands, with their terminal library, from the wheel's own dependencies.
+    listed = run(
+        bin_dir / "qwen-persist", "requests", "--database-url", "sqlite:///demo.db", cwd=work, env=env
+    )
+    assert "5 exchanges, newest first" in listed
+    run(
+        bin_dir / "qwen-persist",
+        "export",
+        "-o",
+        "all.jsonl",
+        "--database-url",
+        "sqlite:///demo.db",
+        cwd=work,
+        env=env,
+    )
+    assert len((work / "all.jsonl").read_text().splitlines()) == 5

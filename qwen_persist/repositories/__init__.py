@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 from ..engine import make_engine
 from .completions import LIBRARY_METADATA_KEYS, CompletionFilter, CompletionRepository, StoredCompletion
 from .exchanges import RequestRepository, ResponseRepository
+from .pruning import PruneCounts, PruningRepository
 from .queries import (
     InvalidParameter,
     Pagination,
@@ -44,6 +45,8 @@ __all__ = [
     "InvalidParameter",
     "Page",
     "Pagination",
+    "PruneCounts",
+    "PruningRepository",
     "RequestFilter",
     "RequestRecord",
     "RequestRepository",
@@ -66,8 +69,8 @@ READ_THREADS = 4  # reads in flight at once from the async face; more wait their
 
 
 class History:
-    """The repositories over one database: ``sessions``, ``requests``, ``responses``, ``stats``, and
-    ``completions`` (the exchanges as OpenAI's Stored Completions API sees them).
+    """The repositories over one database: ``sessions``, ``requests``, ``responses``, ``stats``,
+    ``pruning``, and ``completions`` (the exchanges as OpenAI's Stored Completions API sees them).
 
     Give a URL (the engine is made, and disposed by `close`) or an engine of your own (left open). The
     async methods (``a``-prefixed) run in a small thread pool of the History's own, so a burst of
@@ -86,6 +89,7 @@ class History:
         self.responses = ResponseRepository(self.engine, self.executor)
         self.stats = StatsRepository(self.engine, self.executor)
         self.completions = CompletionRepository(self.engine, self.executor)
+        self.pruning = PruningRepository(self.engine, self.executor)
 
     def close(self) -> None:
         """Stop the thread pool (when it is the History's own) and dispose of the engine (when made

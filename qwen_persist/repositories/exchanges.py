@@ -14,6 +14,7 @@ from sqlalchemy import ColumnElement, Connection, Select, and_, delete, func, li
 
 from ..models import requests_table, responses_table
 from .base import Repository, in_thread, lookup_key, paginate
+from .documents import raw_exchange_from_row, raw_exchanges_query
 from .queries import InvalidParameter, Pagination, RequestFilter, ResponseFilter, parse_int
 from .rows import ExchangeRecord, Page, RequestRecord, ResponseRecord
 
@@ -94,16 +95,22 @@ def exchange_from_row(row: Any) -> ExchangeRecord:
     return ExchangeRecord(RequestRecord.from_row(mapping), response)
 
 
-def _joined(answered: bool) -> Any:
-    """Requests with their responses: only the answered ones (inner join), or all (outer join)."""
+def exchanges_join(answered: bool = False, responses_where: ColumnElement[bool] | None = None) -> Any:
+    """Requests with their responses: only the answered ones (inner join), or all (outer join).
+
+    ``responses_where`` narrows the joined responses (a range of request ids, say, that lets PostgreSQL
+    start its index scan of responses there instead of at the first row)."""
+    on = _resp.request_id == _req.id
+    if responses_where is not None:
+        on = and_(on, responses_where)
     if answered:
-        return requests_table.join(responses_table, _resp.request_id == _req.id)
-    return requests_table.outerjoin(responses_table, _resp.request_id == _req.id)
+        return requests_table.join(responses_table, on)
+    return requests_table.outerjoin(responses_table, on)
 
 
-def exchanges_query(answered: bool = False) -> Select[Any]:
+def exchanges_query(answered: bool = False, responses_where: ColumnElement[bool] | None = None) -> Select[Any]:
     """Requests with their responses: the columns `exchange_from_row` reads."""
-    return select(requests_table, *_RESPONSE_LABELS).select_from(_joined(answered))
+    return select(requests_table, *_RESPONSE_LABELS).select_from(exchanges_join(answered, responses_where))
 
 
 def _cursor_id(page: Pagination) -> Pagination:
@@ -146,7 +153,7 @@ class RequestRepository(Repository):
         """Requests matching ``filter``, newest first unless ``page`` says otherwise."""
         f, p = filter or RequestFilter(), _cursor_id(page or Pagination())
         terms, answered = request_conditions(f)
-        query = select(requests_table).select_from(_joined(answered))
+        query = select(requests_table).select_from(exchanges_join(answered))
         return self._page(query.where(*terms), p, lambda row: RequestRecord.from_row(row._mapping))
 
     def exchanges(
@@ -174,23 +181,37 @@ class RequestRepository(Repository):
         )
 
     def iter_exchanges(
-        self, filter: RequestFilter | None = None, *, batch_size: int = 1000, descending: bool = False
+        self,
+        filter: RequestFilter | None = None,
+        *,
+        batch_size: int = 1000,
+        descending: bool = False,
+        after: int | None = None,
+        raw_documents: bool = False,
     ) -> Iterator[ExchangeRecord]:
         """Every matching exchange, oldest first (by id) unless ``descending``, read in batches by cursor:
-        constant memory however many there are, and each batch a short read."""
+        constant memory however many there are, and each batch a short read. ``after``: only those past
+        that request id (newer, or older when ``descending``), whether or not a row has that id.
+
+        ``raw_documents``: the JSON documents (bodies, metadata, headers) come as `jsonlib.RawJSON`, the
+        text the database holds, unparsed (`jsonlib.dumps` writes them as they are; ``.parse()``)."""
         f = filter or RequestFilter()
         terms, answered = request_conditions(f)
-        query = exchanges_query(answered).where(*terms)
-        after: int | None = None
+        build = raw_exchanges_query if raw_documents else exchanges_query
+        convert = raw_exchange_from_row if raw_documents else exchange_from_row
         while True:
-            batch = query
-            if after is not None:
-                batch = batch.where(_req.id < after if descending else _req.id > after)
+            if after is None:
+                batch = build(answered).where(*terms)
+            else:
+                # The bound on both sides of the join: each batch reads from the cursor on, not from the
+                # first row (PostgreSQL would otherwise merge-join responses from their start each time).
+                batch = build(answered, _resp.request_id < after if descending else _resp.request_id > after)
+                batch = batch.where(*terms, _req.id < after if descending else _req.id > after)
             batch = batch.order_by(_req.id.desc() if descending else _req.id.asc()).limit(batch_size)
             with self.engine.connect() as conn:
                 rows = conn.execute(batch).all()
             for row in rows:
-                yield exchange_from_row(row)
+                yield convert(row)
             if len(rows) < batch_size:
                 return
             after = rows[-1]._mapping["id"]

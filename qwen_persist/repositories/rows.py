@@ -103,13 +103,16 @@ class ResponseRecord:
 
     @classmethod
     def from_row(cls, row: RowMapping) -> ResponseRecord:
-        values = {field.name: row[field.name] for field in dataclasses.fields(cls)}
+        values = {name: row[name] for name in _RESPONSE_FIELDS}
         for name in ("openai_response", "qwen_response"):
             values[name] = restore_nul(values[name])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_RESPONSE_FIELDS = tuple(field.name for field in dataclasses.fields(ResponseRecord))
 
 
 @dataclass(frozen=True, slots=True)

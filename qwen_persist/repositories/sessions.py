@@ -15,6 +15,7 @@ from ..models import requests_table, sessions_table
 from ..sessions import SessionInfo, now_ms, session_row
 from .base import Repository, in_thread, lookup_key, paginate
 from .exchanges import delete_exchanges
+from .pruning import PruningRepository
 from .queries import Pagination, SessionFilter
 from .rows import Page, SessionDetail
 from .writes import upsert_sessions
@@ -147,27 +148,9 @@ class SessionRepository(Repository):
             return bool(conn.execute(delete(sessions_table).where(_s.id == session_id)).rowcount)
 
     def purge_expired(self, *, batch_size: int = 1000, now: int | None = None) -> int:
-        """Delete expired sessions with their history, ``batch_size`` sessions per short transaction;
-        returns how many sessions were deleted."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        removed = 0
-        while True:
-            with self.engine.begin() as conn:
-                cutoff = now_ms() if now is None else now
-                ids = list(
-                    conn.execute(select(_s.id).where(_s.expires_at <= cutoff).limit(batch_size)).scalars()
-                )
-                requests = list(
-                    conn.execute(
-                        select(requests_table.c.id).where(requests_table.c.session_id.in_(ids))
-                    ).scalars()
-                )
-                delete_exchanges(conn, requests)
-                count = conn.execute(delete(sessions_table).where(_s.id.in_(ids))).rowcount if ids else 0
-            removed += count
-            if len(ids) < batch_size:
-                return removed
+        """Delete expired sessions with their history, ``batch_size`` rows per short transaction; returns
+        how many sessions were deleted (see `PruningRepository.delete_expired`)."""
+        return PruningRepository(self.engine).delete_expired(batch_size=batch_size, now=now).sessions
 
     def metrics(self) -> dict[str, int]:
         """``active`` (not expired) and ``total`` sessions."""
