@@ -108,7 +108,9 @@ def exchanges_join(answered: bool = False, responses_where: ColumnElement[bool] 
     return requests_table.outerjoin(responses_table, on)
 
 
-def exchanges_query(answered: bool = False, responses_where: ColumnElement[bool] | None = None) -> Select[Any]:
+def exchanges_query(
+    answered: bool = False, responses_where: ColumnElement[bool] | None = None
+) -> Select[Any]:
     """Requests with their responses: the columns `exchange_from_row` reads."""
     return select(requests_table, *_RESPONSE_LABELS).select_from(exchanges_join(answered, responses_where))
 
