@@ -92,8 +92,14 @@ def record_traffic(database_url: str, tmp_path: Path, *, rounds: int = 1) -> Tra
     with client metadata) and two errors (429 and 500). Returns when every row is stored."""
     traffic = Traffic()
     with serve(fake_upstream.create_app()) as upstream:
+        # A generous shutdown: on a loaded machine the last batches must reach the database, not the
+        # journal, or the read-side tests would see fewer rows than the client sent.
         app = openai_proxy.create_app(
-            f"{upstream}/v1", "", database_url=database_url, spill_dir=str(tmp_path / "spill")
+            f"{upstream}/v1",
+            "",
+            database_url=database_url,
+            spill_dir=str(tmp_path / "spill"),
+            shutdown_timeout=60,
         )
         with serve(app) as proxy:
             client = openai.OpenAI(base_url=f"{proxy}/v1", api_key="sk-test", max_retries=0)
