@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .config import Settings
@@ -389,7 +389,7 @@ class Writer:
 
     # -- the database ----------------------------------------------------------------------------
 
-    def _store(self, ops: list[Op]) -> None:
+    def _store(self, ops: list[Op], *, again: bool = False) -> None:
         """One attempt to store ``ops``. Raises `_Unavailable` when the database cannot take them now;
         records it rejects for good are set aside one by one, and the rest stored."""
         try:
@@ -411,6 +411,12 @@ class Writer:
         except Exception as exc:
             if isinstance(exc, SQLAlchemyError) and is_transient(exc):
                 raise _Unavailable from exc
+            if isinstance(exc, IntegrityError) and not again:
+                # Another writer (a replica) stored the same request id between this batch's reads and
+                # its inserts. Read again, once: the batch then sees that row and files its own under a
+                # fresh id. Only a rejection that repeats is the record's fault.
+                self._store(ops, again=True)
+                return
             # Rejected by the database, or a value no rule foresaw: find the records at fault and
             # set them aside, store the rest.
             if len(ops) == 1:
@@ -418,7 +424,7 @@ class Writer:
                 self._dead_letter(ops[0], _short(exc))
                 return
             for op in ops:
-                self._store([op])
+                self._store([op], again=again)
             return
         with self._counter_lock:
             self._written += outcome.written

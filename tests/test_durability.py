@@ -370,3 +370,36 @@ def test_the_writer_loads_a_journal_left_behind_by_itself(database_url: str, tmp
     assert (stats.written, stats.failed, stats.duplicates) == (4, 0, 1)
     assert not list(spill.glob("journal-*.log")) and not list(spill.glob("dead-letter-*"))
     assert stored_sessions(database_url)["s-left"].parent_id == "p-2"
+
+
+def test_a_replica_taking_the_same_request_id_mid_batch_costs_no_record(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two replicas, one client X-Request-Id: the other replica commits it between this batch's check of
+    taken ids and its insert. The unique violation is a race, not the record's fault: the batch is read
+    again, files its request under a fresh id, and nothing is set aside. (PostgreSQL: SQLite lets one
+    writer at a time, so there the check and the insert cannot be split.)"""
+    from sqlalchemy import event
+
+    upgrade(database_url)
+    middleware = PersistenceMiddleware(impatient_app(), database_url=database_url, spill_dir=str(tmp_path))
+    mine = [exchange("replica-a-7", "shared-id", now_ms())[0]]  # a batch of one: nothing to split
+    # Another conversation: the other replica must not wait on this batch's lock of session s1.
+    theirs = exchange("replica-b-7", "shared-id", now_ms(), session="s2")[0]
+    raced: list[bool] = []
+
+    def other_replica_commits_first(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("INSERT INTO requests") and not raced:
+            raced.append(True)
+            store(database_url, [theirs])
+
+    if database_url.startswith("postgresql"):
+        event.listen(middleware.engine, "before_cursor_execute", other_replica_commits_first)
+    middleware.writer._store(mine)
+    rows = stored_exchanges(database_url)
+    assert len(rows) == (2 if raced else 1)
+    assert any(request.capture_id == "replica-a-7" for request, _ in rows)
+    assert middleware.stats().failed == 0 and not list(tmp_path.glob("dead-letter-*"))
+    if raced:
+        assert sorted(request.metadata_ is not None for request, _ in rows) == [False, True]
+    middleware.engine.dispose()

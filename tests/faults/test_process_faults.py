@@ -19,6 +19,7 @@ pytestmark = pytest.mark.fault
 
 QUEUE = {"queue_size": FAULT_QUEUE_SIZE}
 EXIT_GRACE = 2.0  # seconds a SIGTERMed proxy may take beyond its shutdown_timeout
+RACE_WINDOW = 1.0  # seconds before the load stopped in which a refused call is a race, not a failure
 
 
 @pytest.mark.parametrize("database", ["up", "down"])
@@ -32,19 +33,26 @@ def test_sigterm_under_load(
         backend.outage()
     time.sleep(1.5)
     # No new requests from here; those in flight (slow streams among them) must complete.
+    stopped_at = time.monotonic()
     load.stop.set()
     time.sleep(0.1)
     elapsed = proxy.terminate(limit=SHUTDOWN_TIMEOUT + EXIT_GRACE + 10)
     outcomes = load.join()
     backend.recover()
     restarted = proxies.restart(proxy)
+    # A call the driver began just as it was told to stop may reach the proxy after it stopped listening
+    # (refused), or on a keep-alive connection it was closing: the proxy never accepted it, so nothing
+    # was in flight to complete. On a loaded machine the driver's own loop lags enough for a few.
+    raced = [o for o in outcomes if o.failed and not o.accepted and o.started >= stopped_at - RACE_WINDOW]
     verdict = settle(
         f"SIGTERM under load, database {database} [{backend.name}]",
         backend.url,
         [restarted],
         outcomes,
         report,
+        failures=[o for o in outcomes if o.failed and all(o is not r for r in raced)],
     )
+    print(f"{len(raced)} calls begun as the load stopped were refused before the proxy accepted them")
     print(f"exit {elapsed:.2f} s after SIGTERM")
     print("proxy said:", *log_lines(proxy, r"WARNING|ERROR|stopped"), sep="\n  ")
     problems = verdict.problems()
