@@ -746,9 +746,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 samples = draw_samples(history.engine, random.Random(args.seed))
                 longest = _session_size(history, samples.long_sessions[0])
+                with history.engine.connect() as conn:
+                    asked = "SELECT sqlite_version()" if backend == "sqlite" else "SHOW server_version"
+                    version = conn.execute(text(asked)).scalar()
                 log(
-                    f"\n{backend}: {samples.request_count:,} exchanges, {len(samples.sessions):,} sessions"
-                    f" ({samples.active_sessions:,} active), longest session {longest:,} exchanges,"
+                    f"\n{backend} {version}: {samples.request_count:,} exchanges, {len(samples.sessions):,}"
+                    f" sessions ({samples.active_sessions:,} active), longest session {longest:,} exchanges,"
                     f" {len(samples.days)} whole days"
                 )
                 log(HEADER)

@@ -111,6 +111,41 @@ def test_the_command_writes_its_figures_and_reuses_its_store(tmp_path: Path) -> 
     }
 
 
+def test_http_probes_time_the_routes_the_app_has(migrated_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until the history routes exist every probe is skipped; with one route in place, its probes are
+    timed (answered 200 with the page's rows) and the others still skipped."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import BaseRoute, Route
+
+    from qwen_persist.api import history as history_api
+
+    async def requests_list(request: Request) -> JSONResponse:
+        store: History = request.app.state.history
+        page = await store.requests.alist(None, Pagination(limit=int(request.query_params.get("limit", 100))))
+        return JSONResponse({"data": [item.id for item in page.items]})
+
+    def routes(prefix: str) -> list[BaseRoute]:
+        return [Route(prefix + "/requests", requests_list, methods=["GET"])]
+
+    monkeypatch.setattr(history_api, "routes", routes)
+    sink: read_store.Sink
+    if migrated_url.startswith("sqlite"):
+        sink = read_store.SqliteSink(migrated_url.removeprefix("sqlite:///"))
+    else:
+        sink = read_store.PostgresSink(migrated_url)
+    read_store.generate([sink], 300, progress=lambda _: None)
+    with History(migrated_url) as history:
+        samples = bench_read.draw_samples(history.engine, random.Random(1))
+        args = argparse.Namespace(seed=1, reps=3, budget=1.0, only=None, explain_all=False)
+        results = {r.call: r for r in bench_read.run_http(history, "b", samples, args, lambda _: None)}
+    timed = {name for name, r in results.items() if r.n}
+    assert "GET /requests?offset={offset}" in timed and "GET /requests?limit=20&offset={offset20}" in timed
+    assert all(name.startswith("GET /requests?") for name in timed)
+    assert results["GET /requests?limit=20&offset={offset20}"].rows == 20
+    assert results["GET /sessions/{session}"].note == "no route"
+
+
 @pytest.fixture(autouse=True)
 def _no_postgres_store_is_touched(monkeypatch: pytest.MonkeyPatch) -> None:
     """The command's PostgreSQL store has a fixed name: a test must never drop a real run's."""
