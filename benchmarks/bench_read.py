@@ -8,12 +8,13 @@ exist, on 1,000,000 exchanges, SQLite and PostgreSQL (SPEC §10: list/get ≤ 20
 The store (`read_store`) is generated once per backend: the SQLite file is kept (``--store``, by default
 in the temporary directory, named after the size and seed) and reused while the generator, the size, the
 seed and the migrations are the same; the PostgreSQL database ``qp_bench_read`` is dropped at the end
-unless ``--keep``, and a kept one is reused on the same terms. Every call runs warm (two untimed calls
-first), then ``--reps`` times with parameters drawn afresh each time (session ids, ids, days, offsets and
-cursor positions), stopping early at ``--budget`` seconds per call (never under 5 runs). The HTTP part
-builds the API app (`qwen_persist.api.create_app`) over the same `History` and drives it in process
-through ``httpx.ASGITransport``; a probe whose route the app does not have is listed as skipped, and the
-app's GET routes no probe covers are listed too. For every call that misses its goal the plan of each SQL
+unless ``--keep``, and a kept one is reused on the same terms. Every call runs warm: the store's files
+are read once before a backend's calls, and each call runs twice untimed first; then ``--reps`` times
+with parameters drawn afresh each time (session ids, ids, days, offsets and cursor positions), stopping
+early at ``--budget`` seconds per call (never under 5 runs). The HTTP part builds the API app
+(`qwen_persist.api.create_app`) over the same `History` and drives it in process through
+``httpx.ASGITransport``; a probe whose route the app does not have is listed as skipped, and the app's GET
+routes no probe covers are listed too. For every call that misses its goal the plan of each SQL
 statement it ran is printed (SQLite ``EXPLAIN QUERY PLAN``, PostgreSQL ``EXPLAIN (ANALYZE, BUFFERS)``).
 """
 
@@ -184,6 +185,33 @@ def prepare_stores(
                     admin.dispose()
     assert end_ms is not None
     return Stores(urls, generated, reused, end_ms)
+
+
+def warm(backend: str, url: str) -> float:
+    """Read the store's files once, so the calls are timed on warm caches (the operating system's):
+    the SQLite file from end to end; on PostgreSQL every table and index of the three, with
+    ``pg_prewarm`` in its ``read`` mode. Returns the seconds it took."""
+    began = time.perf_counter()
+    if backend == "sqlite":
+        with open(url.removeprefix("sqlite:///"), "rb") as file:
+            while file.read(16 << 20):
+                pass
+        return time.perf_counter() - began
+    engine = make_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_prewarm"))
+            relations = conn.execute(
+                text(
+                    "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'i', 't')"
+                )
+            ).scalars()
+            for oid in list(relations):
+                conn.execute(text("SELECT pg_prewarm(CAST(:oid AS regclass), 'read')"), {"oid": oid})
+    finally:
+        engine.dispose()
+    return time.perf_counter() - began
 
 
 def drop_postgres_store() -> None:
@@ -742,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     plans: list[tuple[Result, list[list[str]]]] = []
     try:
         for backend in backends:
+            log(f"\n{backend}: reading the store once ({warm(backend, stores.urls[backend]):.0f} s)")
             history = History(stores.urls[backend])
             try:
                 samples = draw_samples(history.engine, random.Random(args.seed))

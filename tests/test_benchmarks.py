@@ -84,6 +84,7 @@ def test_generated_store_is_the_migrated_schema_read_back_as_meant(migrated_url:
         # Every repository call and HTTP probe of the benchmark runs on this store.
         samples = bench_read.draw_samples(history.engine, random.Random(1))
         backend = history.engine.dialect.name
+        assert bench_read.warm(backend, migrated_url) >= 0
         args = argparse.Namespace(seed=1, reps=2, budget=1.0, only=None, explain_all=True)
         results = bench_read.run_repository(history, backend, samples, args, lambda _: None)
         assert len(results) == len(bench_read.repository_cases(history, samples))
