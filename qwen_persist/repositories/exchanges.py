@@ -7,14 +7,13 @@ being written). Lists order by a whitelisted column, then id, newest first unles
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Select, and_, delete, func, literal_column, or_, select
 
 from ..models import requests_table, responses_table
-from .base import Repository, in_thread, lookup_key, paginate
+from .base import Repository, few_matches, in_thread, lookup_key, paginate
 from .queries import InvalidParameter, Pagination, RequestFilter, ResponseFilter, parse_int
 from .rows import ExchangeRecord, Page, RequestRecord, ResponseRecord
 
@@ -80,11 +79,6 @@ def _response_terms(f: RequestFilter, *, walk: bool = False) -> list[ColumnEleme
     return terms
 
 
-# A request walked in time order (its response probed) costs about a sixteenth of a matching response
-# fetched and sorted (SQLite 3.40, 1,000,000 exchanges: benchmarks/bench_read.py).
-_WALK_TO_SORT = 16
-
-
 def filter_by_response(
     conn: Connection, query: Select[Any], f: RequestFilter, page: Pagination, *, joined: bool
 ) -> Select[Any]:
@@ -92,22 +86,13 @@ def filter_by_response(
     requests whose response matches the filter's response terms (``has_error``, ``status_code``).
 
     The page is ordered by a request column and filtered on a response column, so no one index serves
-    both: the database either walks the requests in order and probes each one's response (cheap when
-    matches are common), or fetches every matching response and sorts (cheap when they are rare).
-    PostgreSQL chooses from its statistics. SQLite has none (nothing runs ANALYZE), takes an equality on an
-    indexed column as selective whatever the value, and so sorted all 970,000 ``status_code=200``
-    exchanges of a million for one page (6.7 s). Here it is told: the matches are counted up to the
-    number where walking starts to pay, and the query is shaped for the cheaper plan.
+    both: the database either walks the requests in order and probes each one's response, or fetches
+    every matching response and sorts. PostgreSQL chooses from its statistics; SQLite is told
+    (`few_matches`).
     """
     positive = f.has_error is not False  # a request without a response matches has_error=false
     if conn.dialect.name == "sqlite" and positive and (f.has_error or f.status_code is not None):
-        reach = (page.limit + 1) + (page.offset if page.after is None else 0)
-        total = conn.execute(select(func.max(_req.id))).scalar() or 0
-        cap = math.isqrt(reach * total // _WALK_TO_SORT) + 1
-        matching: Select[Any] = select(literal_column("1")).select_from(responses_table)
-        matching = matching.where(*_response_terms(f)).limit(cap)
-        found = conn.execute(select(func.count()).select_from(matching.subquery())).scalar_one()
-        if found < cap:
+        if few_matches(conn, responses_table, _response_terms(f), page):
             return query.where(_req.id.in_(select(_resp.request_id).where(*_response_terms(f))))
         return _joined(query, joined).where(*_response_terms(f, walk=True))
     terms = _response_terms(f)
