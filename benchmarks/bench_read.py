@@ -420,6 +420,12 @@ def repository_cases(h: History, s: Samples) -> list[Case]:
             lambda r: (SessionFilter(active=True),),
             f"{s.active_sessions:,} active",
         ),
+        Case(
+            "sessions.list created one day",
+            lists,
+            ses.list,
+            lambda r: (SessionFilter(since=(d := r.choice(s.days)), until=d + DAY_MS - 1),),
+        ),
         Case("sessions.detail", lists, ses.detail, lambda r: (session(r),)),
         Case("sessions.detail (longest sessions)", lists, ses.detail, lambda r: (longest(r),)),
         Case("stats.summary one day", day, stats.summary, lambda r: (_day(s, r),)),
