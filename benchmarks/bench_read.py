@@ -2,7 +2,7 @@
 exist, on 1,000,000 exchanges, SQLite and PostgreSQL (SPEC §10: list/get ≤ 20 ms p95, a day's stats
 ≤ 200 ms).
 
-    python -m benchmarks.bench_read                      # ~6 min the first time, ~3 min once cached
+    python -m benchmarks.bench_read              # ~5 min the first time (2.5 generating), ~3 once cached
     python -m benchmarks.bench_read --exchanges 100000 --json read.json --only stats
 
 The store (`read_store`) is generated once per backend: the SQLite file is kept (``--store``, by default
