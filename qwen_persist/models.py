@@ -108,8 +108,15 @@ class Response(Base):
         Index(None, "session_id", "timestamp"),
         Index(None, "status_code", "timestamp"),
         Index(None, "finish_reason", "timestamp"),
-        # The failures, a small part of the table, without reading the successes.
+        # The failures, a small part of the table, without reading the successes: in time order (the
+        # responses list), and by request (the requests list's has_error and error statuses).
         Index("ix_responses_failed", "timestamp", sqlite_where=text(FAILED), postgresql_where=text(FAILED)),
+        Index(
+            "ix_responses_failed_request_id",
+            "request_id",
+            sqlite_where=text(FAILED),
+            postgresql_where=text(FAILED),
+        ),
     )
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)

@@ -492,6 +492,8 @@ def test_every_list_filter_reads_through_an_index(sqlite_url: str, name: str) ->
         for statement, parameters in list(statements):
             plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
             for step in plan:
-                if step.startswith("SCAN"):
+                # A scan of a table must walk an index; a scan of a subquery's rows (anon_1) reads
+                # what that subquery found, itself checked here step by step.
+                if step.startswith("SCAN") and not step.startswith("SCAN anon_"):
                     assert "USING" in step and "INDEX" in step, (name, plan)
     history.close()

@@ -14,6 +14,10 @@ walks the index in order and stops after one page, instead of sorting every matc
 - ``responses(status_code, timestamp)`` and ``responses(finish_reason, timestamp)``: those filters.
 - ``responses(timestamp) WHERE error IS NOT NULL OR status_code >= 400``: the failures, a small part of
   the table, found without reading the successes (a partial index on both backends).
+- ``responses(request_id)`` with the same condition: whether a request failed, answered from that small
+  index. The requests list filtered by ``has_error`` or an error status walks the requests newest first
+  and asks this of each one: on 1,000,000 exchanges PostgreSQL's page of ``status_code=500`` took a third
+  less time with it (the probe no longer reads the response row).
 
 Downgrade restores the indexes of 0005.
 
@@ -48,16 +52,19 @@ REPLACED = (
 )
 
 
+PARTIAL = (
+    ("ix_responses_failed", ["timestamp"]),
+    ("ix_responses_failed_request_id", ["request_id"]),
+)
+
+
 def upgrade() -> None:
     for name, table, columns in ADDED:
         op.create_index(name, table, columns)
-    op.create_index(
-        "ix_responses_failed",
-        "responses",
-        ["timestamp"],
-        sqlite_where=sa.text(FAILED),
-        postgresql_where=sa.text(FAILED),
-    )
+    for name, columns in PARTIAL:
+        op.create_index(
+            name, "responses", columns, sqlite_where=sa.text(FAILED), postgresql_where=sa.text(FAILED)
+        )
     for name, table, _ in REPLACED:
         op.drop_index(name, table_name=table)
 
@@ -65,6 +72,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     for name, table, columns in REPLACED:
         op.create_index(name, table, columns)
-    op.drop_index("ix_responses_failed", table_name="responses")
+    for name, _ in PARTIAL:
+        op.drop_index(name, table_name="responses")
     for name, table, _ in ADDED:
         op.drop_index(name, table_name=table)

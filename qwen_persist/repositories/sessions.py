@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sqlalchemy import Connection, case, delete, func, select, update
+from sqlalchemy import ColumnElement, Connection, case, delete, func, select, update
 
 from ..models import requests_table, sessions_table
 from ..sessions import SessionInfo, now_ms, session_row
-from .base import Repository, in_thread, lookup_key, paginate
+from .base import Repository, few_matches, in_thread, lookup_key, paginate
 from .exchanges import delete_exchanges
 from .pruning import PruningRepository
 from .queries import Pagination, SessionFilter
@@ -31,6 +31,20 @@ def _info(row: Any) -> SessionInfo:
 def select_session(conn: Connection, session_id: str) -> SessionInfo | None:
     row = conn.execute(select(sessions_table).where(_s.id == session_id)).first()
     return _info(row) if row is not None else None
+
+
+def _session_terms(f: SessionFilter, now: int, *, walk: bool = False) -> list[ColumnElement[bool]]:
+    """The WHERE terms for ``f``. ``walk``: the expiry spelled as an expression over the column, so that
+    SQLite walks the order's index instead of driving the query from the expiry's."""
+    expires = _s.expires_at + 0 if walk else _s.expires_at
+    terms: list[ColumnElement[bool]] = []
+    if f.active is not None:
+        terms.append(expires > now if f.active else expires <= now)
+    if f.since is not None:
+        terms.append(_s.created_at >= f.since)
+    if f.until is not None:
+        terms.append(_s.created_at <= f.until)
+    return terms
 
 
 class SessionRepository(Repository):
@@ -58,15 +72,21 @@ class SessionRepository(Repository):
         f, p = filter or SessionFilter(), page or Pagination()
         key = sessions_table.c[p.column(SESSION_ORDER)]
         query = select(sessions_table)
-        if f.active is not None:
-            now = now_ms()
-            query = query.where(_s.expires_at > now if f.active else _s.expires_at <= now)
-        if f.since is not None:
-            query = query.where(_s.created_at >= f.since)
-        if f.until is not None:
-            query = query.where(_s.created_at <= f.until)
+        now = now_ms()
         after = None if p.after is None else str(p.after)
         with self.engine.connect() as conn:
+            terms = _session_terms(f, now)
+            if f.active is not None and key.name != "expires_at" and conn.dialect.name == "sqlite":
+                # No index serves both the expiry and the order: SQLite is told which to use. With 78 of
+                # 200,000 sessions active it walked them all in last_accessed order (0.35 s a page).
+                # (A created_at range is left to it: those matches lie anywhere in the order, so
+                # counting them cannot tell how far a walk would go.)
+                if few_matches(conn, sessions_table, terms, p):
+                    query = query.where(_s.id.in_(select(_s.id).where(*terms)))
+                else:
+                    query = query.where(*_session_terms(f, now, walk=True))
+            else:
+                query = query.where(*terms)
             rows, more, total = paginate(
                 conn,
                 query,

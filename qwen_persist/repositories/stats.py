@@ -1,10 +1,10 @@
 """Figures over any set of exchanges: counts, success rate, tokens, duration and time-to-first-byte
 percentiles, optionally grouped by model and by day or hour (UTC).
 
-Everything is computed in the database. PostgreSQL has ``percentile_cont``; SQLite has no percentile
-function, so there a window function numbers each group's values in order and only the one or two rows
-around each percentile leave the database, to be interpolated exactly as ``percentile_cont`` does. Both
-backends therefore give the same figures for the same rows.
+Everything is computed in the database, in one pass over the matching exchanges, except on SQLite the
+percentiles: it has no percentile function, so there the pass lists each group's values
+(``group_concat``) and they are ranked in Python, interpolated exactly as PostgreSQL's ``percentile_cont``
+does. Both backends therefore give the same figures for the same rows.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Column, ColumnElement, Connection, Integer, case, cast, func, or_, select
+from sqlalchemy import ColumnElement, case, func, select
 
 from ..models import requests_table, responses_table
 from .base import Repository, in_thread
@@ -93,20 +93,25 @@ class StatsRepository(Repository):
                     for measure in MEASURES
                     for i, p in enumerate(PERCENTILES)
                 ]
+            else:
+                # SQLite has no percentile function: the group's values come back listed, in the same
+                # pass over the rows as the totals, and are ranked here (`_percentiles`).
+                totals += [func.group_concat(_resp[m]).label(f"{m}_values") for m in MEASURES]
             query = select(*keys, *totals).select_from(source).where(*terms)
             if keys:
                 query = query.group_by(*keys)
             rows = conn.execute(query).all()
-            if postgres:
-                percentiles = {
-                    _key(row, groups): {
-                        measure: [row._mapping[f"{measure}_{i}"] for i in range(len(PERCENTILES))]
-                        for measure in MEASURES
-                    }
-                    for row in rows
-                }
-            else:
-                percentiles = _sqlite_percentiles(conn, expressions, groups, terms, source)
+        percentiles = {
+            _key(row, groups): {
+                measure: (
+                    [row._mapping[f"{measure}_{i}"] for i in range(len(PERCENTILES))]
+                    if postgres
+                    else _percentiles(row._mapping[f"{measure}_values"])
+                )
+                for measure in MEASURES
+            }
+            for row in rows
+        }
         result = []
         for row in rows:
             values = row._mapping
@@ -146,52 +151,25 @@ def _named(values: Sequence[Any] | None) -> dict[str, float | None]:
     }
 
 
-def _sqlite_percentiles(
-    conn: Connection,
-    expressions: list[ColumnElement[Any]],
-    groups: tuple[str, ...],
-    terms: list[ColumnElement[bool]],
-    source: Any,
-) -> dict[tuple[Any, ...], dict[str, list[float | None]]]:
-    """Per group and measure, the percentiles interpolated from the rows on either side of each rank."""
-    found: dict[tuple[Any, ...], dict[str, list[float | None]]] = {}
-    for measure in MEASURES:
-        value: Column[Any] = _resp[measure]
-        partition = expressions or None
-        ranked = (
-            select(
-                *_labelled(expressions, groups),
-                value.label("v"),
-                (func.row_number().over(partition_by=partition, order_by=value) - 1).label("i"),
-                func.count().over(partition_by=partition).label("n"),
-            )
-            .select_from(source)
-            .where(*terms, value.is_not(None))
-            .subquery()
-        )
-        # Only the rows at floor(p*(n-1)) and the one after it, for each p, leave the database.
-        wanted = [
-            or_(
-                ranked.c.i == cast(p * (ranked.c.n - 1), Integer),
-                ranked.c.i == cast(p * (ranked.c.n - 1), Integer) + 1,
-            )
-            for p in PERCENTILES
-        ]
-        picked: dict[tuple[Any, ...], dict[int, float]] = {}
-        sizes: dict[tuple[Any, ...], int] = {}
-        for row in conn.execute(select(ranked).where(or_(*wanted))):
-            key = _key(row, groups)
-            picked.setdefault(key, {})[row.i] = row.v
-            sizes[key] = row.n
-        for key, ranks in picked.items():
-            n = sizes[key]
-            found.setdefault(key, {})[measure] = [_interpolate(ranks, p * (n - 1)) for p in PERCENTILES]
-    return found
+def _percentiles(listed: str | None) -> list[float | None] | None:
+    """The percentiles of the values SQLite's ``group_concat`` listed (None: there were none),
+    interpolated as PostgreSQL's ``percentile_cont`` does, so both backends give the same figures.
+
+    One pass over the rows for the totals and the values alike: numbering the values in SQL instead,
+    with a window function per measure, read the joined rows three times and took twice as long (a day
+    of a million exchanges, benchmarks/bench_read.py).
+    """
+    if not listed:
+        return None
+    ordered = sorted(map(float, listed.split(",")))
+    return [_interpolate(ordered, p * (len(ordered) - 1)) for p in PERCENTILES]
 
 
-def _interpolate(ranks: dict[int, float], position: float) -> float:
+def _interpolate(ordered: Sequence[float], position: float) -> float:
+    """The value at ``position`` (0 to n-1) of sorted values, linear between neighbours (as
+    ``percentile_cont``)."""
     low = math.floor(position)
     fraction = position - low
-    if fraction == 0 or low + 1 not in ranks:
-        return float(ranks[low])
-    return ranks[low] + (ranks[low + 1] - ranks[low]) * fraction
+    if fraction == 0 or low + 1 >= len(ordered):
+        return float(ordered[low])
+    return ordered[low] + (ordered[low + 1] - ordered[low]) * fraction
