@@ -25,7 +25,7 @@ from .encodings import parse_content_encoding
 from .engine import WRITER_LOCK_TIMEOUT, make_engine
 from .exchange import SCOPE_KEY, Exchange
 from .paths import PathMatcher, route_path
-from .records import CapturedRequest, CapturedResponse, StreamHandoff
+from .records import CLIENT_DISCONNECTED, CapturedRequest, CapturedResponse, StreamHandoff
 from .redaction import Redactor
 from .repositories import History
 from .retention import Retention
@@ -306,7 +306,7 @@ class _ExchangeResponder:
             await self.app(self.scope, self.receive_with_capture, self.send_with_capture)
         except BaseException as exc:
             if not self.finished:
-                error = "client_disconnected" if self.client_gone else f"{type(exc).__name__}: {exc}"
+                error = CLIENT_DISCONNECTED if self.client_gone else f"{type(exc).__name__}: {exc}"
                 # The server answers an unhandled exception with 500 when no response had started.
                 self.finish(error=error, status=self.status if self.status is not None else 500)
             raise
@@ -314,7 +314,7 @@ class _ExchangeResponder:
             if self.watcher is not None and not self.watcher.done():
                 self.watcher.cancel()
         if not self.finished:
-            self.finish(error="client_disconnected" if self.client_gone else "response_incomplete")
+            self.finish(error=CLIENT_DISCONNECTED if self.client_gone else "response_incomplete")
 
     # -- request side ------------------------------------------------------------------------------
 
@@ -415,7 +415,7 @@ class _ExchangeResponder:
                 self.first_byte_ns = time.perf_counter_ns()
             self._keep_response_bytes(chunk)
         if not more:
-            self.finish(error="client_disconnected" if self.client_gone else None)
+            self.finish(error=CLIENT_DISCONNECTED if self.client_gone else None)
 
     async def _send(self, message: Message) -> None:
         try:

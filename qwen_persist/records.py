@@ -36,6 +36,7 @@ from .sessions import message_count, resolve_session_id, session_row
 
 log = logging.getLogger("qwen_persist")
 MAX_TOKENS = 2**31 - 1
+CLIENT_DISCONNECTED = "client_disconnected"  # the error of an exchange whose client left first
 
 
 class StreamHandoff:
@@ -143,7 +144,7 @@ class CapturedResponse:
     ended_ms: int
     duration_ms: int
     first_byte_ms: int | None
-    error: str | None = None  # exception text, client_disconnected, ...
+    error: str | None = None  # exception text, CLIENT_DISCONNECTED, ...
     stream: StreamHandoff | None = None  # a stream over max_body_bytes, rebuilt as it passed
     reports: Reports | None = None
     request: RequestFacts | None = None  # filled in by the writer
@@ -248,12 +249,13 @@ def response_op(
     # An upstream that labels everything text/event-stream still answers errors (a 429) in plain JSON;
     # an SSE stream never starts with a bracket, so such a body is read as the JSON it is.
     streamed = record.streamed and (handoff is not None or not _starts_json(data, record.codings))
+    ended = False  # the stream's own end marker passed ([DONE], the usage chunk, Qwen's finished)
     if streamed:
         if handoff is None and record.codings:
             # Decoded while it is rebuilt: an encoded stream is never held decoded in memory.
             handoff = StreamHandoff(record.codings)
             handoff.add(data)
-        body, usage, finish_reason, upstream_id = _stream_body(record, handoff, errors)
+        body, usage, finish_reason, upstream_id, ended = _stream_body(record, handoff, errors)
     elif data:
         body, problem = decode_json_body(
             data,
@@ -268,7 +270,9 @@ def response_op(
             usage, finish_reason, upstream_id = _summary(body)
             if "error" in body and (record.status_code or 200) >= 400:
                 errors.append(_error_message(body["error"]))
-    if record.error:
+    if record.error and not (ended and record.error == CLIENT_DISCONNECTED):
+        # A client that leaves once the stream's end marker has reached it (the openai SDK closes at
+        # [DONE], while an upstream may hold the body open a moment longer) got the whole answer.
         errors.insert(0, record.error)
     request = record.request
     if request is not None and request.problem:
@@ -336,9 +340,10 @@ def _starts_json(data: bytes, codings: list[str] | None) -> bool:
 
 def _stream_body(
     record: CapturedResponse, handoff: StreamHandoff | None, errors: list[str]
-) -> tuple[Any, Mapping[str, Any] | None, str | None, str | None]:
+) -> tuple[Any, Mapping[str, Any] | None, str | None, str | None, bool]:
     """The rebuilt completion of a streamed response (or the raw stream when it cannot be rebuilt),
-    with its usage, finish_reason and upstream id; problems are added to ``errors``."""
+    with its usage, finish_reason, upstream id and whether the stream ended properly; problems are added
+    to ``errors``."""
     data = record.body
     kept = record.stream is None  # a stream over max_body_bytes was rebuilt as it passed, not kept
     result = handoff.finish() if handoff is not None else reconstruct_stream([data])
@@ -351,11 +356,11 @@ def _stream_body(
         errors.append(problem)
         if not kept:
             # What was rebuilt before the problem, if it can be stored.
-            return (None if body is None or too_deep(body) else escape_nul(body)), None, None, None
+            return (None if body is None or too_deep(body) else escape_nul(body)), None, None, None, False
         raw = raw_body(
             data, reason="stream_unprocessable", truncated=record.body_truncated, size=record.body_size
         )
-        return raw, None, None, None
+        return raw, None, None, None, False
     if body is not None and (not plain or b"\\u0000" in data):
         body = escape_nul(body)
     if result.error is not None:
@@ -365,7 +370,8 @@ def _stream_body(
         errors.append("response_body_too_large")
     elif not result.complete and record.error is None and result.error is None:
         errors.append("truncated")
-    return body, result.usage, result.finish_reason, result.upstream_id
+    ended = result.complete and result.error is None and not (record.body_truncated and kept)
+    return body, result.usage, result.finish_reason, result.upstream_id, ended
 
 
 def _text(value: str | None) -> str | None:

@@ -628,3 +628,57 @@ def test_deeply_nested_chunks_are_kept_raw_and_harm_nothing(
         "capture_problem": "body_too_deep"
     }
     assert next_row is not None and next_row.error == stream_row.error  # the writer lived on
+
+
+def test_a_client_that_leaves_after_done_got_the_whole_stream(migrated_url: str, tmp_path: Path) -> None:
+    """The openai SDK closes its connection as soon as it reads ``[DONE]``; an upstream may hold the body
+    open a moment longer. The exchange is complete, not ``client_disconnected``: its stats count it as a
+    success and the Stored Completions API lists it. A client gone before the end marker still is."""
+    from starlette.responses import StreamingResponse
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        body = {
+            "id": "chatcmpl-lingers",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    async def lingering(request: Request) -> StreamingResponse:
+        cut = (await request.json()).get("user") == "cut"
+
+        async def events() -> Any:
+            yield chunk({"role": "assistant", "content": "Hello"})
+            if cut:
+                await asyncio.sleep(0.8)  # the client gives up before the end
+            yield chunk({"content": " world"}, "stop")
+            yield b"data: [DONE]\n\n"
+            await asyncio.sleep(0.8)  # the body stays open after [DONE]
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = recorded(
+        Starlette(routes=[Route("/v1/chat/completions", lingering, methods=["POST"])]), migrated_url, tmp_path
+    )
+    with serve(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+        with client.chat.completions.create(model="m", messages=USER, stream=True) as stream:
+            assert "".join(c.choices[0].delta.content or "" for c in stream) == "Hello world"
+        with pytest.raises(openai.APITimeoutError):
+            cut = client.with_options(timeout=0.4).chat.completions.create(
+                model="m", messages=USER, stream=True, user="cut"
+            )
+            for _ in cut:
+                pass
+        time.sleep(1.0)  # both responses end on the server side
+    (_, whole_response), (cut_request, cut_response) = stored_exchanges(migrated_url)
+    assert whole_response is not None and cut_response is not None
+    assert (whole_response.status_code, whole_response.error, whole_response.finish_reason) == (
+        200,
+        None,
+        "stop",
+    )
+    assert whole_response.openai_response["choices"][0]["message"]["content"] == "Hello world"
+    assert cut_request.user == "cut" and cut_response.error == "client_disconnected"
