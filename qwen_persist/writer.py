@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -103,6 +103,26 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError):
         return exc.connection_invalidated or getattr(exc.orig, "sqlstate", None) in _TRANSIENT_SQLSTATES
     return False
+
+
+NOT_MIGRATED_HINT = (
+    "; the tables are missing: run `qwen-persist db upgrade` (or `alembic upgrade head`) for this "
+    "database, or pass auto_upgrade=True"
+)
+
+
+def missing_schema(exc: BaseException) -> bool:
+    """Whether ``exc`` says the tables do not exist (a database that was never migrated)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    return getattr(exc.orig, "sqlstate", None) == "42P01" or "no such table" in str(exc.orig)
+
+
+def _check_tables(conn: Connection) -> None:
+    """Raise unless the three tables are there: a database that answers but was never migrated is still
+    unavailable to the writer, and probing it as available would retry every few milliseconds."""
+    for table in ("sessions", "requests", "responses"):
+        conn.exec_driver_sql(f"SELECT 1 FROM {table} LIMIT 0")
 
 
 class _Unavailable(Exception):
@@ -449,10 +469,12 @@ class Writer:
         self._next_probe = time.monotonic() + delay
         if not self._outage or self._attempts % 10 == 0:
             log.warning(
-                "qwen_persist: database unavailable (%s); records go to the journal in %s, next try in %.2fs",
+                "qwen_persist: database unavailable (%s); records go to the journal in %s, "
+                "next try in %.2fs%s",
                 _short(cause) if cause is not None else "unknown",
                 self.settings.spill_dir,
                 delay,
+                NOT_MIGRATED_HINT if cause is not None and missing_schema(cause) else "",
             )
         self._outage = True
 
@@ -539,11 +561,12 @@ class Writer:
                     conn.exec_driver_sql("PRAGMA busy_timeout=100")
                     try:
                         conn.exec_driver_sql("BEGIN IMMEDIATE")
+                        _check_tables(conn)
                         conn.exec_driver_sql("ROLLBACK")
                     finally:
                         conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
                 else:
-                    conn.exec_driver_sql("SELECT 1")
+                    _check_tables(conn)
         except SQLAlchemyError as exc:
             self._begin_outage(exc)
             return False

@@ -403,3 +403,27 @@ def test_a_replica_taking_the_same_request_id_mid_batch_costs_no_record(
     if raced:
         assert sorted(request.metadata_ is not None for request, _ in rows) == [False, True]
     middleware.engine.dispose()
+
+
+def test_a_database_never_migrated_is_probed_with_backoff_and_named(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database that answers but has no tables is an outage like any other: probed with backoff (not
+    every few milliseconds, which flooded the log), its warning says which command fixes it, and once
+    migrated the journaled exchange is stored without a hand."""
+    caplog.set_level("WARNING", logger="qwen_persist")
+    app = PersistenceMiddleware(impatient_app(), database_url=database_url, spill_dir=str(tmp_path / "spill"))
+    with serve(app) as url:
+        assert (
+            httpx.post(f"{url}/v1/chat/completions", json={"model": "m", "messages": []}).status_code == 200
+        )
+        time.sleep(2.0)
+        warnings = [r.getMessage() for r in caplog.records if "database unavailable" in r.getMessage()]
+        assert 1 <= len(warnings) <= 3, warnings  # before: one every 0.1 s
+        assert "qwen-persist db upgrade" in warnings[0]
+        upgrade(database_url)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not stored_exchanges(database_url):
+            time.sleep(0.2)
+    [(_, response)] = stored_exchanges(database_url)
+    assert response is not None and response.status_code == 200
