@@ -64,8 +64,22 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _handle(args: argparse.Namespace) -> int:
-    database_url: str = args.database_url
-    return run_demo(database_url)
+    from .cli import _database_errors, database_url
+
+    url = database_url(args)
+
+    def reachable() -> None:
+        # Before any traffic: a database that cannot be reached is one line and exit status 1, not a
+        # conversation recorded into the journal followed by a traceback.
+        engine = make_engine(url)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+
+    _database_errors(url, reachable)
+    return run_demo(url)
 
 
 def run_demo(database_url: str) -> int:

@@ -110,3 +110,17 @@ def test_the_commands_the_demo_suggests_work(
         out = capsys.readouterr().out
         assert out or "export" in command
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 4  # the successful exchanges
+
+
+def test_demo_against_an_unreachable_database_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked before any traffic: no conversation journaled for later, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    # Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    status = main(["demo", "--database-url", "postgresql://user:secret@127.0.0.1:1/nowhere"])
+    out, err = capsys.readouterr()
+    assert status == 1 and "Traceback" not in out + err
+    [line] = err.strip().splitlines()
+    assert line.startswith("qwen-persist: error: database postgresql") and "secret" not in line
+    assert list(tmp_path.iterdir()) == []  # no journal left behind
