@@ -84,9 +84,10 @@ def exchange_preview(exchange: ExchangeRecord) -> str:
         got = f"error: {response.error}"
     else:
         reply = reply_message(response) or {}
-        calls = reply.get("tool_calls") or []
-        if calls and isinstance(calls[0], dict) and isinstance(calls[0].get("function"), dict):
-            function = calls[0]["function"]
+        calls = reply.get("tool_calls")
+        first = calls[0] if isinstance(calls, list) and calls else None
+        function = first.get("function") if isinstance(first, dict) else None
+        if isinstance(function, dict):
             got = f"{function.get('name')}({function.get('arguments')})"
         else:
             got = content_text(reply.get("content"))
