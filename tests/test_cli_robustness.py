@@ -8,6 +8,7 @@ are the client's, the replies whatever the test scripts, on SQLite and PostgreSQ
 from __future__ import annotations
 
 import io
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +31,9 @@ from support import serve
 from qwen_persist import PersistenceMiddleware, jsonlib, transcript
 from qwen_persist.cli import main
 from qwen_persist.commands.lists import exchange_preview, request_row
+from qwen_persist.export import exchange_document, exchange_json, openai_chat_example
 from qwen_persist.migrate import upgrade
-from qwen_persist.repositories import ExchangeRecord
+from qwen_persist.repositories import ExchangeRecord, History, RequestFilter
 from qwen_persist.repositories.rows import RequestRecord, ResponseRecord
 
 # ---------------------------------------------------------------------------------- scripted upstream
@@ -39,8 +41,8 @@ from qwen_persist.repositories.rows import RequestRecord, ResponseRecord
 
 @dataclass
 class Reply:
-    """What the upstream answers to a request naming a model: ``body`` as JSON with ``status``, once
-    ``release`` is set (when given)."""
+    """What the upstream answers to a request naming a model: ``body`` as JSON (bytes as they are) with
+    ``status``, once ``release`` is set (when given)."""
 
     body: Any
     status: int = 200
@@ -56,7 +58,8 @@ class Scripted:
         reply = self.replies.get(model, Reply({"error": {"message": "unknown model"}}, 404))
         if reply.release is not None:
             await anyio.to_thread.run_sync(reply.release.wait, abandon_on_cancel=True)
-        return Response(jsonlib.dumpb(reply.body), reply.status, media_type="application/json")
+        body = reply.body if isinstance(reply.body, bytes) else jsonlib.dumpb(reply.body)
+        return Response(body, reply.status, media_type="application/json")
 
     def app(self) -> Starlette:
         async def models(_: Request) -> Response:
@@ -93,7 +96,13 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 # ------------------------------------------------------------------------------------ odd shapes, fuzzed
 
-_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+)
 _json = st.recursive(
     _scalars,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
@@ -169,6 +178,11 @@ def test_every_body_shape_renders(
     for exchange in exchanges:
         assert " → " in exchange_preview(exchange)
         assert request_row(exchange)[0] == 1
+        document = json.loads(exchange_json(exchange))
+        assert document["openai_request"] == json.loads(jsonlib.dumps(exchange.request.openai_request))
+        example = openai_chat_example(exchange)
+        if example is not None:
+            assert json.loads(jsonlib.dumpb(example))["messages"][-1]["role"] == "assistant"
 
 
 def test_odd_shapes_through_the_proxy_never_give_a_traceback(
@@ -206,3 +220,51 @@ def test_odd_shapes_through_the_proxy_never_give_a_traceback(
         assert out
     status, out, _ = cli(capsys, "requests", "--database-url", database_url)
     assert "  hi →\n" in out  # the first exchange's row: its reply's calls (a dict) are no call
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+# JSON text as a client or an upstream may send it: NUL in a string (stored escaped, so read back parsed)
+# with an integer wider than 64 bits, which orjson does not write. (A lone surrogate is the other value
+# orjson refuses; the writer does not store one, so no stored document holds it.)
+NUL_AND_WIDE = (
+    b'{"model":"m","seed":123456789012345678901234567890,'
+    b'"messages":[{"role":"user","content":"nul\\u0000here"}]}'
+)
+NUL_REPLY = (
+    b'{"object":"chat.completion","choices":[{"message":{"role":"assistant","content":"a\\u0000b"},'
+    b'"finish_reason":"stop"}],"system_fingerprint":123456789012345678901234567890,'
+    b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+)
+
+
+def test_export_writes_documents_orjson_cannot(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = Scripted({"m": Reply(NUL_REPLY)})
+    with recorder(database_url, tmp_path, script) as client:
+        assert post(client, NUL_AND_WIDE).status_code == 200
+        assert (
+            post(client, {"model": "m", "messages": [{"role": "user", "content": "plain"}]}).status_code
+            == 200
+        )
+    with History(database_url) as history:
+        exchanges = list(history.requests.iter_exchanges(RequestFilter()))
+    assert exchanges[0].response is not None
+    assert exchanges[0].response.openai_response["choices"][0]["message"]["content"] == "a\x00b"
+    assert exchanges[0].request.openai_request["seed"] == 123456789012345678901234567890
+    assert exchanges[0].request.openai_request["messages"][0]["content"] == "nul\x00here"
+
+    status, out, err = cli(capsys, "export", "--database-url", database_url)
+    assert status == 0 and "Traceback" not in err
+    assert f"exported {len(exchanges)} exchanges" in err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines == [json.loads(jsonlib.dumps(exchange_document(e))) for e in exchanges]
+    assert lines[0]["openai_request"]["seed"] == 123456789012345678901234567890
+    assert lines[0]["openai_request"]["messages"][0]["content"] == "nul\x00here"
+
+    status, out, err = cli(capsys, "export", "--format", "openai-chat", "--database-url", database_url)
+    assert status == 0 and "Traceback" not in err
+    examples = [json.loads(line) for line in out.splitlines()]
+    assert [example["messages"][0]["content"] for example in examples] == ["nul\x00here", "plain"]
+    assert [example["messages"][1]["content"] for example in examples] == ["a\x00b", "a\x00b"]
