@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import queue
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +32,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from support import serve
+from support import ROOT, serve
 
 from qwen_persist import PersistenceMiddleware, jsonlib, transcript
 from qwen_persist.cli import main
@@ -268,3 +274,87 @@ def test_export_writes_documents_orjson_cannot(
     examples = [json.loads(line) for line in out.splitlines()]
     assert [example["messages"][0]["content"] for example in examples] == ["nul\x00here", "plain"]
     assert [example["messages"][1]["content"] for example in examples] == ["a\x00b", "a\x00b"]
+
+
+# ------------------------------------------------------------------------------------------------ tail
+
+
+class Lines:
+    """A command's stdout, read in a thread, so a test can wait for a line with a time limit."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        assert process.stdout is not None
+        stdout = process.stdout
+        threading.Thread(target=lambda: [self.lines.put(line) for line in stdout], daemon=True).start()
+
+    def next(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.lines.get(timeout=60)))
+        except queue.Empty:
+            raise AssertionError("tail printed nothing for 60 s") from None
+
+
+def _stored(url: str, model: str) -> bool:
+    with History(url) as history:
+        return any(e.request.model == model for e in history.requests.iter_exchanges(RequestFilter()))
+
+
+@pytest.mark.parametrize("flag", ["--errors", "--no-errors"])
+def test_tail_judges_a_late_answer_by_its_response(database_url: str, tmp_path: Path, flag: str) -> None:
+    """A streamed request that fails slowly, sent before a fast one: ``--errors`` prints it when its 500
+    arrives (its request id was passed long before), ``--no-errors`` never prints it."""
+    release = threading.Event()
+    script = Scripted(
+        {
+            "slow": Reply({"error": {"message": "upstream broke"}}, 500, release),
+            "fast": Reply({"error": {"message": "bad request"}}, 400),
+            "ok": Reply({"object": "chat.completion", "choices": [{"message": {"content": "hi"}}]}),
+        }
+    )
+    printed = "fast" if flag == "--errors" else "ok"  # what the filter lets through, answered at once
+
+    def send(client: httpx.Client, model: str, stream: bool = False) -> str:
+        body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": model}]}
+        return post(client, body).headers["x-request-id"]
+
+    with recorder(database_url, tmp_path, script) as client:
+        first = send(client, printed)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        argv = ["tail", "--json", "-n", "1", "--interval", "0.2", flag, "--database-url", database_url]
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "qwen_persist.cli", *argv],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        slow: list[str] = []
+        sender = threading.Thread(target=lambda: slow.append(send(client, "slow", stream=True)))
+        try:
+            lines = Lines(tail)
+            assert lines.next()["request_id"] == first  # tail is running
+            sender.start()
+            while not _stored(database_url, "slow"):  # its request is stored, its response is not
+                time.sleep(0.05)
+            fast = send(client, printed)
+            assert lines.next()["request_id"] == fast
+            time.sleep(3)  # longer than tail takes to count the fast one's id as seen (2 s on PostgreSQL)
+            release.set()
+            sender.join(timeout=60)
+            marker = send(client, printed)  # stored after the slow one's response
+            if flag == "--errors":
+                got = {lines.next()["request_id"], lines.next()["request_id"]}
+                assert got == {slow[0], marker}
+            else:
+                # The poll that sees the marker sees the slow response too: the next line, printed by a
+                # later poll, is the next marker's, with nothing between.
+                got = [lines.next()["request_id"]]
+                last = send(client, printed)
+                got.append(lines.next()["request_id"])
+                assert got == [marker, last]
+        finally:
+            release.set()
+            tail.send_signal(signal.SIGINT)
+            _, err = tail.communicate(timeout=30)
+        assert tail.returncode == 0 and "Traceback" not in err, err
