@@ -343,6 +343,7 @@ def test_show_markdown_json_row_and_file(
         (["requests", "--since", "yesterday"], "--since: 'yesterday' is not a time"),
         (["requests", "-n", "0"], "--limit: must be >= 1"),
         (["requests", "-n", "5000"], "--limit: must be <= 1000"),
+        (["tail", "-n", "2000"], "--lines: must be <= 1000"),
         (["stats", "--by", "week"], "--by: one or more of model, day, hour"),
         (["stats", "--by", "day,hour"], "--by: day and hour cannot be combined"),
         (["requests", "--since", "2026-01-02", "--until", "2026-01-01"], "--until: is before since"),

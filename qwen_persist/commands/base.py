@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -197,9 +197,10 @@ def check_database(url: str) -> None:
         raise CLIError(f"database {shown} is at revision {revision}, older than this version's; {fix}")
 
 
-def run(args: argparse.Namespace, body: Body) -> int:
+def run(args: argparse.Namespace, body: Body, flags: Mapping[str, str] | None = None) -> int:
     """Open the database the user named, check it, and run ``body`` with it and the output; database
-    failures and bad parameters become one-line errors, a closed pipe a quiet exit."""
+    failures and bad parameters become one-line errors, a closed pipe a quiet exit. A bad parameter is
+    named by its flag: ``--`` and its name, or what ``flags`` maps the name to (``{"limit": "--lines"}``)."""
     url = database_url(args)
     output = Output(getattr(args, "json", False))
 
@@ -215,7 +216,8 @@ def run(args: argparse.Namespace, body: Body) -> int:
         status: int = _database_errors(url, action)
         return status
     except InvalidParameter as exc:
-        raise CLIError(f"--{exc.param.replace('_', '-')}: {exc.message}") from None
+        flag = (flags or {}).get(exc.param) or "--" + exc.param.replace("_", "-")
+        raise CLIError(f"{flag}: {exc.message}") from None
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
         devnull = os.open(os.devnull, os.O_WRONLY)

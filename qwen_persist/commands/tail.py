@@ -88,7 +88,7 @@ def _tail(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return 0
 
-    return run(args, body)
+    return run(args, body, flags={"limit": "--lines"})
 
 
 def _deal(out: Output, exchange: ExchangeRecord, waiting: dict[int, float], found: RequestFilter) -> None:
