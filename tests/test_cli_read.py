@@ -358,6 +358,25 @@ def test_mistakes_are_one_line_errors(
     assert message in err
 
 
+def test_counts_in_the_right_number(recorded: Recorded, capsys: pytest.CaptureFixture[str]) -> None:
+    url = recorded.url
+    assert run(capsys, "requests", "-n", "1", "--database-url", url)[1].endswith(
+        "\n1 exchange, newest first (more with -n)\n"
+    )
+    assert run(capsys, "requests", "-n", "2", "--database-url", url)[1].endswith(
+        "\n2 exchanges, newest first (more with -n)\n"
+    )
+    assert run(capsys, "sessions", "-n", "1", "--database-url", url)[1].endswith(
+        "\n1 session, most recently used first (more with -n)\n"
+    )
+    sessions: dict[str, int] = {}
+    for exchange in stored(url):
+        sessions[exchange.request.session_id] = sessions.get(exchange.request.session_id, 0) + 1
+    single = next(session for session, number in sessions.items() if number == 1)
+    status, _, err = run(capsys, "export", "--session", single, "--database-url", url)
+    assert status == 0 and "exported 1 exchange to stdout as jsonl" in err
+
+
 # ------------------------------------------------------------------------------------------------ stats
 
 

@@ -162,6 +162,11 @@ class Output:
         return Text(text)
 
 
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 exchange``, ``2 exchanges``: a number with its noun in the right number."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     add_database_url_option(parser)
     parser.add_argument(

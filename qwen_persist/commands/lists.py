@@ -16,6 +16,7 @@ from .base import (
     add_filter_options,
     add_limit_option,
     add_output_options,
+    count,
     request_filter,
     run,
 )
@@ -111,7 +112,9 @@ def _requests(args: argparse.Namespace) -> int:
         out.table(
             REQUEST_COLUMNS,
             [request_row(exchange) for exchange in page.items],
-            footer=f"{len(page.items)} exchanges, newest first{more}" if page.items else "no exchanges",
+            footer=f"{count(len(page.items), 'exchange')}, newest first{more}"
+            if page.items
+            else "no exchanges",
         )
         return 0
 
@@ -154,7 +157,9 @@ def _sessions(args: argparse.Namespace) -> int:
         out.table(
             SESSION_COLUMNS,
             rows,
-            footer=f"{len(rows)} sessions, most recently used first{more}" if rows else "no sessions",
+            footer=f"{count(len(rows), 'session')}, most recently used first{more}"
+            if rows
+            else "no sessions",
         )
         return 0
 
