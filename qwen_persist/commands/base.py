@@ -261,14 +261,31 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status", metavar="CODE", type=int, help="only responses with this HTTP status")
 
 
+def when(value: str | None, now: int, param: str) -> int | None:
+    """A ``--since``/``--until`` value as ms since the epoch (None when not given); the error for one
+    that is neither a time nor a duration lists every spelling the flag takes."""
+    if value is None:
+        return None
+    try:
+        return parse_since(value, now, param)
+    except InvalidParameter as exc:
+        if "is not a time" not in exc.message:
+            raise
+        raise InvalidParameter(
+            param,
+            f"{value!r} is not a time: an ISO date or time (2026-11-24, 2026-11-24T10:00), milliseconds "
+            "since the epoch, or a duration ago (90s, 15m, 2h, 7d, 2w)",
+        ) from None
+
+
 def request_filter(args: argparse.Namespace, now: int | None = None) -> RequestFilter:
     at = now_ms() if now is None else now
     return RequestFilter(
         session_id=args.session,
         model=args.model,
         stream=args.stream,
-        since=parse_since(args.since, at, "since") if args.since is not None else None,
-        until=parse_since(args.until, at, "until") if args.until is not None else None,
+        since=when(args.since, at, "since"),
+        until=when(args.until, at, "until"),
         has_error=args.errors,
         status_code=args.status,
     )

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from ..export import exchange_document, reply_message, request_messages
-from ..repositories import ExchangeRecord, History, Pagination, SessionFilter, SessionInfo, parse_since
+from ..repositories import ExchangeRecord, History, Pagination, SessionFilter, SessionInfo
 from ..sessions import now_ms
 from ..transcript import clock, content_text
 from .base import (
@@ -19,6 +19,7 @@ from .base import (
     count,
     request_filter,
     run,
+    when,
 )
 
 REQUEST_COLUMNS = (
@@ -134,8 +135,8 @@ def _sessions(args: argparse.Namespace) -> int:
         active = True if args.active else False if args.expired else None
         found = SessionFilter(
             active=active,
-            since=parse_since(args.since, now, "since") if args.since is not None else None,
-            until=parse_since(args.until, now, "until") if args.until is not None else None,
+            since=when(args.since, now, "since"),
+            until=when(args.until, now, "until"),
         )
         page = history.sessions.list(found, Pagination(limit=args.limit))
         if out.as_json:
