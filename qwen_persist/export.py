@@ -47,8 +47,14 @@ def parsed(document: Any) -> Any:
 def exchange_json(exchange: ExchangeRecord) -> bytes:
     """`exchange_document` as JSON bytes, written straight from the records (orjson writes dataclasses
     natively): what ``export`` writes for each exchange."""
-    request = dumpb(exchange.request)
-    response = dumpb(exchange.response) if exchange.response is not None else b"null"
+    try:
+        request = dumpb(exchange.request)
+        response = dumpb(exchange.response) if exchange.response is not None else b"null"
+    except TypeError:
+        # A document orjson cannot write (an integer wider than 64 bits, a lone surrogate) sends
+        # `dumpb` to the standard library, which knows no dataclasses: give it the records as dicts. Only
+        # parsed documents get here (those stored with NUL escaped); the others stay text.
+        return dumpb(exchange_document(exchange))
     return request[:-1] + b',"response":' + response + b"}"
 
 

@@ -102,7 +102,8 @@ def _message(item: Any) -> Message:
     if not isinstance(item, dict):
         return Message(role="?", text=_compact(item))
     calls = []
-    for call in item.get("tool_calls") or []:
+    listed = item.get("tool_calls")
+    for call in listed if isinstance(listed, list) else []:
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
             calls.append(
@@ -153,7 +154,11 @@ def _text(value: Any) -> str:
 
 
 def _compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    except RecursionError:
+        # A stored document may nest as deep as the parser allowed, deeper than the encoder goes.
+        return f"[{type(value).__name__} nested too deeply to show]"
 
 
 def _error(exchange: ExchangeRecord) -> str | None:
@@ -170,7 +175,7 @@ def pretty_arguments(arguments: str) -> str:
     """Tool-call arguments, indented when they are JSON."""
     try:
         return json.dumps(json.loads(arguments), ensure_ascii=False, indent=2)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return arguments
 
 

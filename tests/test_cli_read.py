@@ -340,9 +340,12 @@ def test_show_markdown_json_row_and_file(
         (["show", "no-such-id"], "no request or session has the id 'no-such-id'"),
         (["show", "--row", "999999"], "no request row has id 999999"),
         (["show", "--row", "abc"], "--row: 'abc' is not a numeric id"),
-        (["requests", "--since", "yesterday"], "--since: 'yesterday' is not a time"),
+        (["requests", "--since", "yesterday"], "--since: 'yesterday' is not a time: an ISO date or time"),
+        (["requests", "--until", "soon"], "or a duration ago (90s, 15m, 2h, 7d, 2w)"),
+        (["sessions", "--since", "yesterday"], "or a duration ago (90s, 15m, 2h, 7d, 2w)"),
         (["requests", "-n", "0"], "--limit: must be >= 1"),
         (["requests", "-n", "5000"], "--limit: must be <= 1000"),
+        (["tail", "-n", "2000"], "--lines: must be <= 1000"),
         (["stats", "--by", "week"], "--by: one or more of model, day, hour"),
         (["stats", "--by", "day,hour"], "--by: day and hour cannot be combined"),
         (["requests", "--since", "2026-01-02", "--until", "2026-01-01"], "--until: is before since"),
@@ -355,6 +358,25 @@ def test_mistakes_are_one_line_errors(
     assert status == 1 and out == ""
     assert err.startswith("qwen-persist: error: ") and err.count("\n") == 1, err
     assert message in err
+
+
+def test_counts_in_the_right_number(recorded: Recorded, capsys: pytest.CaptureFixture[str]) -> None:
+    url = recorded.url
+    assert run(capsys, "requests", "-n", "1", "--database-url", url)[1].endswith(
+        "\n1 exchange, newest first (more with -n)\n"
+    )
+    assert run(capsys, "requests", "-n", "2", "--database-url", url)[1].endswith(
+        "\n2 exchanges, newest first (more with -n)\n"
+    )
+    assert run(capsys, "sessions", "-n", "1", "--database-url", url)[1].endswith(
+        "\n1 session, most recently used first (more with -n)\n"
+    )
+    sessions: dict[str, int] = {}
+    for exchange in stored(url):
+        sessions[exchange.request.session_id] = sessions.get(exchange.request.session_id, 0) + 1
+    single = next(session for session, number in sessions.items() if number == 1)
+    status, _, err = run(capsys, "export", "--session", single, "--database-url", url)
+    assert status == 0 and "exported 1 exchange to stdout as jsonl" in err
 
 
 # ------------------------------------------------------------------------------------------------ stats

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -162,6 +162,11 @@ class Output:
         return Text(text)
 
 
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 exchange``, ``2 exchanges``: a number with its noun in the right number."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     add_database_url_option(parser)
     parser.add_argument(
@@ -197,9 +202,10 @@ def check_database(url: str) -> None:
         raise CLIError(f"database {shown} is at revision {revision}, older than this version's; {fix}")
 
 
-def run(args: argparse.Namespace, body: Body) -> int:
+def run(args: argparse.Namespace, body: Body, flags: Mapping[str, str] | None = None) -> int:
     """Open the database the user named, check it, and run ``body`` with it and the output; database
-    failures and bad parameters become one-line errors, a closed pipe a quiet exit."""
+    failures and bad parameters become one-line errors, a closed pipe a quiet exit. A bad parameter is
+    named by its flag: ``--`` and its name, or what ``flags`` maps the name to (``{"limit": "--lines"}``)."""
     url = database_url(args)
     output = Output(getattr(args, "json", False))
 
@@ -215,7 +221,8 @@ def run(args: argparse.Namespace, body: Body) -> int:
         status: int = _database_errors(url, action)
         return status
     except InvalidParameter as exc:
-        raise CLIError(f"--{exc.param.replace('_', '-')}: {exc.message}") from None
+        flag = (flags or {}).get(exc.param) or "--" + exc.param.replace("_", "-")
+        raise CLIError(f"{flag}: {exc.message}") from None
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -254,14 +261,31 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status", metavar="CODE", type=int, help="only responses with this HTTP status")
 
 
+def when(value: str | None, now: int, param: str) -> int | None:
+    """A ``--since``/``--until`` value as ms since the epoch (None when not given); the error for one
+    that is neither a time nor a duration lists every spelling the flag takes."""
+    if value is None:
+        return None
+    try:
+        return parse_since(value, now, param)
+    except InvalidParameter as exc:
+        if "is not a time" not in exc.message:
+            raise
+        raise InvalidParameter(
+            param,
+            f"{value!r} is not a time: an ISO date or time (2026-11-24, 2026-11-24T10:00), milliseconds "
+            "since the epoch, or a duration ago (90s, 15m, 2h, 7d, 2w)",
+        ) from None
+
+
 def request_filter(args: argparse.Namespace, now: int | None = None) -> RequestFilter:
     at = now_ms() if now is None else now
     return RequestFilter(
         session_id=args.session,
         model=args.model,
         stream=args.stream,
-        since=parse_since(args.since, at, "since") if args.since is not None else None,
-        until=parse_since(args.until, at, "until") if args.until is not None else None,
+        since=when(args.since, at, "since"),
+        until=when(args.until, at, "until"),
         has_error=args.errors,
         status_code=args.status,
     )

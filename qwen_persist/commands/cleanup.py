@@ -15,7 +15,7 @@ from ..repositories import History, PruneCounts, parse_duration
 from ..retention import describe
 from ..sessions import now_ms
 from ..transcript import clock
-from .base import Output, add_output_options, run
+from .base import Output, add_output_options, count, run
 
 PAUSE = 0.01  # seconds between two batches: the writer's turn
 
@@ -57,11 +57,13 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 
 def _counts(counts: PruneCounts) -> str:
-    def n(count: int, noun: str) -> str:
-        return f"{count} {noun}{'' if count == 1 else 's'}"
-
-    return (
-        f"{n(counts.requests, 'request')}, {n(counts.responses, 'response')}, {n(counts.sessions, 'session')}"
+    return ", ".join(
+        count(number, noun)
+        for number, noun in (
+            (counts.requests, "request"),
+            (counts.responses, "response"),
+            (counts.sessions, "session"),
+        )
     )
 
 

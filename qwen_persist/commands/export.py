@@ -23,7 +23,7 @@ from .. import jsonlib
 from ..cli import CLIError, add_database_url_option
 from ..export import FORMATS, exchange_json, openai_chat_example
 from ..repositories import ExchangeRecord, History, Pagination
-from .base import Output, add_filter_options, request_filter, run
+from .base import Output, add_filter_options, count, request_filter, run
 
 BATCH = 1000  # exchanges per read, and between two progress updates
 
@@ -92,7 +92,9 @@ def _export(args: argparse.Namespace) -> int:
         where = args.output if to_file else "stdout"
         note = f", {skipped} skipped (not a successful chat completion)" if skipped else ""
         stderr.print(
-            f"exported {written} exchanges to {where} as {args.format}{note}", style="dim", soft_wrap=True
+            f"exported {count(written, 'exchange')} to {where} as {args.format}{note}",
+            style="dim",
+            soft_wrap=True,
         )
         return 0
 

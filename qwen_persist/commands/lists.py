@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from ..export import exchange_document, reply_message, request_messages
-from ..repositories import ExchangeRecord, History, Pagination, SessionFilter, SessionInfo, parse_since
+from ..repositories import ExchangeRecord, History, Pagination, SessionFilter, SessionInfo
 from ..sessions import now_ms
 from ..transcript import clock, content_text
 from .base import (
@@ -16,8 +16,10 @@ from .base import (
     add_filter_options,
     add_limit_option,
     add_output_options,
+    count,
     request_filter,
     run,
+    when,
 )
 
 REQUEST_COLUMNS = (
@@ -84,9 +86,10 @@ def exchange_preview(exchange: ExchangeRecord) -> str:
         got = f"error: {response.error}"
     else:
         reply = reply_message(response) or {}
-        calls = reply.get("tool_calls") or []
-        if calls and isinstance(calls[0], dict) and isinstance(calls[0].get("function"), dict):
-            function = calls[0]["function"]
+        calls = reply.get("tool_calls")
+        first = calls[0] if isinstance(calls, list) and calls else None
+        function = first.get("function") if isinstance(first, dict) else None
+        if isinstance(function, dict):
             got = f"{function.get('name')}({function.get('arguments')})"
         else:
             got = content_text(reply.get("content"))
@@ -110,7 +113,9 @@ def _requests(args: argparse.Namespace) -> int:
         out.table(
             REQUEST_COLUMNS,
             [request_row(exchange) for exchange in page.items],
-            footer=f"{len(page.items)} exchanges, newest first{more}" if page.items else "no exchanges",
+            footer=f"{count(len(page.items), 'exchange')}, newest first{more}"
+            if page.items
+            else "no exchanges",
         )
         return 0
 
@@ -130,8 +135,8 @@ def _sessions(args: argparse.Namespace) -> int:
         active = True if args.active else False if args.expired else None
         found = SessionFilter(
             active=active,
-            since=parse_since(args.since, now, "since") if args.since is not None else None,
-            until=parse_since(args.until, now, "until") if args.until is not None else None,
+            since=when(args.since, now, "since"),
+            until=when(args.until, now, "until"),
         )
         page = history.sessions.list(found, Pagination(limit=args.limit))
         if out.as_json:
@@ -153,7 +158,9 @@ def _sessions(args: argparse.Namespace) -> int:
         out.table(
             SESSION_COLUMNS,
             rows,
-            footer=f"{len(rows)} sessions, most recently used first{more}" if rows else "no sessions",
+            footer=f"{count(len(rows), 'session')}, most recently used first{more}"
+            if rows
+            else "no sessions",
         )
         return 0
 

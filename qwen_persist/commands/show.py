@@ -9,7 +9,7 @@ from ..cli import CLIError
 from ..export import exchange_document
 from ..repositories import ExchangeRecord, History, RequestFilter
 from ..repositories.exchanges import check_id
-from .base import Output, add_output_options, run
+from .base import Output, add_output_options, count, run
 
 
 def find(history: History, ident: str, *, row: bool) -> tuple[str, list[ExchangeRecord]]:
@@ -30,8 +30,7 @@ def find(history: History, ident: str, *, row: bool) -> tuple[str, list[Exchange
             "`qwen-persist sessions`; a request row's number goes with --row)"
         )
     exchanges = list(history.requests.iter_exchanges(RequestFilter(session_id=ident)))
-    count = f"{detail.request_count} exchange{'s' if detail.request_count != 1 else ''}"
-    return f"Session {ident} ({count})", exchanges
+    return f"Session {ident} ({count(detail.request_count, 'exchange')})", exchanges
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 
 It polls by request id: each poll reads the requests stored since the last one. An exchange is printed
 once its response is stored, so the lines come in the order exchanges finish; one whose response has
-not come after `GIVE_UP` seconds is printed as pending and left. On PostgreSQL, where a transaction can
+not come after `GIVE_UP` seconds is printed as pending and left. The response filters (--errors,
+--no-errors, --status) are applied to each exchange as its response arrives, so a request that is
+answered late is still judged by its answer. On PostgreSQL, where a transaction can
 commit a smaller id after a larger one was read, ids are read again for `SETTLE_SECONDS` first; a
 writer transaction held open longer than that (a stalled database) can slip past.
 """
@@ -10,10 +12,11 @@ writer transaction held open longer than that (a stalled database) can slip past
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from ..export import exchange_document
-from ..repositories import ExchangeRecord, History, Pagination
+from ..repositories import ExchangeRecord, History, Pagination, RequestFilter
 from .base import Output, add_filter_options, add_output_options, request_filter, run
 from .lists import request_row
 
@@ -40,6 +43,10 @@ def _tail(args: argparse.Namespace) -> int:
     def body(history: History, out: Output) -> int:
         # Relative times (--since 1h) are fixed once, when tail starts.
         found = request_filter(args)
+        # Polls read requests whatever their response: one answered after a later one was read must
+        # still be seen, and judged by the response filter only once its response is stored.
+        polled = dataclasses.replace(found, has_error=None, status_code=None)
+        judged = polled != found
         # On PostgreSQL ids are handed out before the transactions holding them commit, and several
         # writers commit in any order: ids are read again for a moment before they count as seen.
         lag = SETTLE_SECONDS if history.engine.dialect.name == "postgresql" else 0.0
@@ -50,22 +57,30 @@ def _tail(args: argparse.Namespace) -> int:
         if args.lines > 0:
             latest = history.requests.exchanges(found, Pagination(limit=args.lines, order_by="id")).items
             for exchange in reversed(latest):
-                _deal(out, exchange, waiting)
+                _deal(out, exchange, waiting, found)
+            if judged:  # unanswered ones the response filter could not match yet
+                recent_requests = history.requests.exchanges(
+                    polled, Pagination(limit=args.lines, order_by="id")
+                ).items
+                for exchange in recent_requests:
+                    if exchange.response is None:
+                        waiting.setdefault(exchange.request.id, time.monotonic())
         try:
             while True:
                 time.sleep(args.interval)
                 now = time.monotonic()
-                for exchange in history.requests.iter_exchanges(found, after=settled, batch_size=500):
+                for exchange in history.requests.iter_exchanges(polled, after=settled, batch_size=500):
                     if exchange.request.id not in recent:
                         recent[exchange.request.id] = now
-                        _deal(out, exchange, waiting)
+                        _deal(out, exchange, waiting, found)
                 for request_id, since in sorted(waiting.items()):
                     pending = history.requests.exchange(request_id)
                     if pending is None:
                         del waiting[request_id]  # deleted meanwhile
                     elif pending.response is not None or now - since > GIVE_UP:
                         del waiting[request_id]
-                        _print(out, pending)
+                        if matches(found, pending):
+                            _print(out, pending)
                 old = [request_id for request_id, since in recent.items() if now - since >= lag]
                 if old:
                     settled = max(settled, *old)
@@ -73,14 +88,28 @@ def _tail(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return 0
 
-    return run(args, body)
+    return run(args, body, flags={"limit": "--lines"})
 
 
-def _deal(out: Output, exchange: ExchangeRecord, waiting: dict[int, float]) -> None:
+def _deal(out: Output, exchange: ExchangeRecord, waiting: dict[int, float], found: RequestFilter) -> None:
     if exchange.response is None:
-        waiting[exchange.request.id] = time.monotonic()
-    else:
+        waiting.setdefault(exchange.request.id, time.monotonic())
+    elif matches(found, exchange):
         _print(out, exchange)
+
+
+def matches(found: RequestFilter, exchange: ExchangeRecord) -> bool:
+    """Whether the exchange passes the filter's response terms, as the repositories judge them
+    (`exchanges.failed`: an error or a status of 400 or more; no response is no failure)."""
+    response = exchange.response
+    if found.status_code is not None and (response is None or response.status_code != found.status_code):
+        return False
+    if found.has_error is None:
+        return True
+    failed = response is not None and (
+        response.error is not None or (response.status_code is not None and response.status_code >= 400)
+    )
+    return failed == found.has_error
 
 
 def _interval(value: str) -> float:
