@@ -1,5 +1,5 @@
-"""Read side on a large store: p50 / p95 / max of every repository call, and of the HTTP endpoints that
-exist, on 1,000,000 exchanges, SQLite and PostgreSQL (SPEC §10: list/get ≤ 20 ms p95, a day's stats
+"""Read side on a large store: p50 / p95 / max of every repository call, and of every GET of the HTTP
+API, on 1,000,000 exchanges, SQLite and PostgreSQL (SPEC §10: list/get ≤ 20 ms p95, a day's stats
 ≤ 200 ms).
 
     python -m benchmarks.bench_read              # ~5 min the first time (2.5 generating), ~3 once cached
@@ -12,10 +12,12 @@ unless ``--keep``, and a kept one is reused on the same terms. Every call runs w
 are read once before a backend's calls, and each call runs twice untimed first; then ``--reps`` times
 with parameters drawn afresh each time (session ids, ids, days, offsets and cursor positions), stopping
 early at ``--budget`` seconds per call (never under 5 runs). The HTTP part builds the API app
-(`qwen_persist.api.create_app`) over the same `History` and drives it in process through
-``httpx.ASGITransport``; a probe whose route the app does not have is listed as skipped, and the app's GET
-routes no probe covers are listed too. For every call that misses its goal the plan of each SQL
-statement it ran is printed (SQLite ``EXPLAIN QUERY PLAN``, PostgreSQL ``EXPLAIN (ANALYZE, BUFFERS)``).
+(`qwen_persist.api.create_app`, bearer token) over the same `History` and drives it in process through
+``httpx.ASGITransport`` (``--http-via uvicorn``: over loopback HTTP to ``uvicorn --factory
+qwen_persist.api:create_app`` in a process of its own); a probe whose route the app does not have is
+listed as skipped, and the app's GET routes no probe reaches are listed too. For every call that misses
+its goal the plan of each SQL statement it ran is printed (SQLite ``EXPLAIN QUERY PLAN``, PostgreSQL
+``EXPLAIN (ANALYZE, BUFFERS)``).
 """
 
 from __future__ import annotations
