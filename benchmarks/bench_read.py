@@ -1,5 +1,5 @@
-"""Read side on a large store: p50 / p95 / max of every repository call, and of the HTTP endpoints that
-exist, on 1,000,000 exchanges, SQLite and PostgreSQL (SPEC §10: list/get ≤ 20 ms p95, a day's stats
+"""Read side on a large store: p50 / p95 / max of every repository call, and of every GET of the HTTP
+API, on 1,000,000 exchanges, SQLite and PostgreSQL (SPEC §10: list/get ≤ 20 ms p95, a day's stats
 ≤ 200 ms).
 
     python -m benchmarks.bench_read              # ~5 min the first time (2.5 generating), ~3 once cached
@@ -12,10 +12,12 @@ unless ``--keep``, and a kept one is reused on the same terms. Every call runs w
 are read once before a backend's calls, and each call runs twice untimed first; then ``--reps`` times
 with parameters drawn afresh each time (session ids, ids, days, offsets and cursor positions), stopping
 early at ``--budget`` seconds per call (never under 5 runs). The HTTP part builds the API app
-(`qwen_persist.api.create_app`) over the same `History` and drives it in process through
-``httpx.ASGITransport``; a probe whose route the app does not have is listed as skipped, and the app's GET
-routes no probe covers are listed too. For every call that misses its goal the plan of each SQL
-statement it ran is printed (SQLite ``EXPLAIN QUERY PLAN``, PostgreSQL ``EXPLAIN (ANALYZE, BUFFERS)``).
+(`qwen_persist.api.create_app`, bearer token) over the same `History` and drives it in process through
+``httpx.ASGITransport`` (``--http-via uvicorn``: over loopback HTTP to ``uvicorn --factory
+qwen_persist.api:create_app`` in a process of its own); a probe whose route the app does not have is
+listed as skipped, and the app's GET routes no probe reaches are listed too. For every call that misses
+its goal the plan of each SQL statement it ran is printed (SQLite ``EXPLAIN QUERY PLAN``, PostgreSQL
+``EXPLAIN (ANALYZE, BUFFERS)``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from sqlalchemy import Engine, event, text
 from starlette.routing import Match
@@ -40,6 +46,7 @@ from starlette.routing import Match
 from qwen_persist.engine import make_engine, normalize_url
 from qwen_persist.migrate import upgrade
 from qwen_persist.repositories import (
+    CompletionFilter,
     History,
     Page,
     Pagination,
@@ -49,7 +56,7 @@ from qwen_persist.repositories import (
 )
 
 from . import read_store
-from .common import POSTGRES_ADMIN_URL, machine, percentile, postgres_available, workspace
+from .common import POSTGRES_ADMIN_URL, listening_socket, machine, percentile, postgres_available, workspace
 
 DAY_MS = read_store.DAY_MS
 POSTGRES_DATABASE = "qp_bench_read"
@@ -237,6 +244,7 @@ class Samples:
     long_sessions: list[str]  # the sessions with the most exchanges
     request_ids: list[str]  # X-Request-Id values
     upstream_ids: list[str]
+    completion_ids: list[str]  # upstream ids of successful answers: stored completions (the API's ids)
     days: list[int]  # midnights (UTC, ms) of the whole days the store covers
     first_ms: int
     last_ms: int
@@ -263,6 +271,11 @@ def draw_samples(engine: Engine, rng: random.Random) -> Samples:
             f"SELECT upstream_id FROM responses WHERE upstream_id IS NOT NULL AND id IN "
             f"({','.join(str(rng.randint(1, max_response)) for _ in range(200))})"
         )
+        completion_ids = column(
+            f"SELECT upstream_id FROM responses WHERE upstream_id IS NOT NULL AND error IS NULL"
+            f" AND status_code >= 200 AND status_code < 400 AND id IN "
+            f"({','.join(str(rng.randint(1, max_response)) for _ in range(200))})"
+        )
         first, last = conn.execute(text("SELECT min(timestamp), max(timestamp) FROM requests")).one()
         days = list(range((first // DAY_MS + 1) * DAY_MS, (last // DAY_MS) * DAY_MS, DAY_MS)) or [
             first // DAY_MS * DAY_MS
@@ -287,6 +300,7 @@ def draw_samples(engine: Engine, rng: random.Random) -> Samples:
             long_sessions=long_sessions,
             request_ids=request_ids,
             upstream_ids=upstream_ids,
+            completion_ids=completion_ids,
             days=days,
             first_ms=int(first),
             last_ms=int(last),
@@ -320,12 +334,16 @@ def repository_cases(h: History, s: Samples) -> list[Case]:
     """Unfiltered lists are paged by offset, as a UI pages (0 to 900); filtered lists start at the top
     or, four times in five, after a random row (a cursor): an offset into a filtered list costs what
     walking to it costs, which is what the cursor is for (see the deep-offset row)."""
-    req, resp, ses, stats = h.requests, h.responses, h.sessions, h.stats
+    req, resp, ses, stats, done = h.requests, h.responses, h.sessions, h.stats, h.completions
     month = RequestFilter(since=s.last_ms - 30 * DAY_MS)
     lists, day = LIST_GOAL_MS, DAY_STATS_GOAL_MS
 
     def session(r: random.Random) -> str:
         return r.choice(s.sessions)
+
+    def twenty(after: str | None = None) -> Pagination:
+        # The Stored Completions API's default page: 20, oldest first.
+        return Pagination(limit=20, after=after, descending=False)
 
     def longest(r: random.Random) -> str:
         return r.choice(s.long_sessions)
@@ -428,6 +446,34 @@ def repository_cases(h: History, s: Samples) -> list[Case]:
         ),
         Case("sessions.detail", lists, ses.detail, lambda r: (session(r),)),
         Case("sessions.detail (longest sessions)", lists, ses.detail, lambda r: (longest(r),)),
+        Case("completions.list (page of 20)", lists, done.list, lambda r: ()),
+        Case(
+            "completions.list model",
+            lists,
+            done.list,
+            lambda r: (CompletionFilter(model=r.choice(s.models)), twenty()),
+        ),
+        Case(
+            "completions.list metadata team",
+            lists,
+            done.list,
+            lambda r: (CompletionFilter(metadata={"team": r.choice(read_store.TEAMS)}), twenty()),
+        ),
+        Case(
+            "completions.list after=<id>",
+            lists,
+            done.list,
+            lambda r: (None, twenty(after=r.choice(s.completion_ids))),
+        ),
+        Case("completions.get(id)", lists, done.get, lambda r: (r.choice(s.completion_ids),)),
+        Case("completions.messages", lists, done.messages, lambda r: (r.choice(s.completion_ids),)),
+        Case(
+            "stats.summary session (longest sessions)",
+            lists,
+            stats.summary,
+            lambda r: (RequestFilter(session_id=longest(r)),),
+            "as /sessions/{id}/stats",
+        ),
         Case("stats.summary one day", day, stats.summary, lambda r: (_day(s, r),)),
         Case("stats.summary one day by model", day, stats.summary, lambda r: (_day(s, r), ["model"])),
         Case("stats.summary 30 days by day", None, stats.summary, lambda r: (month, ["day"])),
@@ -438,7 +484,7 @@ def repository_cases(h: History, s: Samples) -> list[Case]:
 @dataclass
 class Probe:
     """A GET to time: ``url`` (under the API prefix) with ``{placeholders}`` that `draw` fills afresh for
-    each run."""
+    each run (percent-encoded, as a client sends them)."""
 
     url: str
     goal_ms: float | None
@@ -448,20 +494,34 @@ class Probe:
         return "GET " + self.url
 
     def make(self, values: dict[str, Any]) -> str:
-        return self.url.format(**values)
+        return self.url.format(
+            **{
+                key: value if key in FRAGMENTS else quote(str(value), safe="")
+                for key, value in values.items()
+            }
+        )
+
+
+# Placeholders that stand for a piece of query string (or nothing), not for a value.
+FRAGMENTS = ("after_request", "after_response")
 
 
 def draw(s: Samples, r: random.Random) -> dict[str, Any]:
     """A value for every placeholder a probe may use."""
     day = r.choice(s.days)
     position, before = r.choice(s.deep)
+
+    def cursor(top: int) -> str:
+        # As the repository cases draw a filtered list's page: the top, or four times in five after a row.
+        return "" if r.random() < 0.2 else f"&after={r.randint(1, top)}"
+
     return {
         "session": r.choice(s.sessions),
         "longest": r.choice(s.long_sessions),
         "request": r.randint(1, s.max_request),
         "request_id": r.choice(s.request_ids),
         "response": r.randint(1, s.max_response),
-        "upstream": r.choice(s.upstream_ids),
+        "completion": r.choice(s.completion_ids),
         "model": r.choice(s.models),
         "team": r.choice(read_store.TEAMS),
         "stream": r.choice(("true", "false")),
@@ -471,45 +531,52 @@ def draw(s: Samples, r: random.Random) -> dict[str, Any]:
         "offset20": r.randrange(10) * 20,
         "deep": position,
         "deep_after": before,
+        "after_request": cursor(s.max_request),
+        "after_response": cursor(s.max_response),
     }
 
 
 def http_probes() -> list[Probe]:
-    """What the history API (SPEC §8) and the Stored Completions API are expected to serve; the probes
-    whose route the app does not have are skipped."""
+    """Every GET of the history API (`qwen_persist.api.history`) and of the Stored Completions API
+    (`qwen_persist.api.completions`), with the parameters of the repository calls above; a probe whose
+    route the app does not have is skipped (and a GET route no probe reaches is listed)."""
     lists, day = LIST_GOAL_MS, DAY_STATS_GOAL_MS
     return [
         Probe("/sessions?offset={offset}", lists),
         Probe("/sessions?active=true", lists),
+        Probe("/sessions?since={since}&until={until}", lists),
         Probe("/sessions/{session}", lists),
+        Probe("/sessions/{longest}", lists),
         Probe("/sessions/{session}/requests", lists),
         Probe("/sessions/{longest}/requests", lists),
         Probe("/sessions/{session}/stats", lists),
+        Probe("/sessions/{longest}/stats", lists),
         Probe("/requests?offset={offset}", lists),
         Probe("/requests?limit=20&offset={offset20}", lists),
         Probe("/requests?session_id={session}", lists),
-        Probe("/requests?model={model}&after={request}", lists),
-        Probe("/requests?stream={stream}&after={request}", lists),
+        Probe("/requests?model={model}{after_request}", lists),
+        Probe("/requests?stream={stream}{after_request}", lists),
         Probe("/requests?since={since}&until={until}", lists),
-        Probe("/requests?has_error=true&after={request}", lists),
-        Probe("/requests?status_code=500&after={request}", lists),
+        Probe("/requests?has_error=true{after_request}", lists),
+        Probe("/requests?status_code=500{after_request}", lists),
         Probe("/requests?offset={deep}", None),
         Probe("/requests?after={deep_after}", lists),
         Probe("/requests/{request}", lists),
-        Probe("/requests/{request_id}", lists),
+        Probe("/requests/by-request-id/{request_id}", lists),
         Probe("/responses?offset={offset}", lists),
-        Probe("/responses?finish_reason=length&after={response}", lists),
-        Probe("/responses?has_error=true&after={response}", lists),
+        Probe("/responses?finish_reason=length{after_response}", lists),
+        Probe("/responses?has_error=true{after_response}", lists),
+        Probe("/responses?session_id={session}", lists),
         Probe("/responses/{response}", lists),
         Probe("/responses/stats?since={since}&until={until}", day),
-        Probe("/responses/stats?since={since}&until={until}&group_by=model", day),
         Probe("/stats?since={since}&until={until}", day),
-        Probe("/chat/completions", lists),
+        Probe("/stats?since={since}&until={until}&group_by=model", day),
+        Probe("/chat/completions?limit=20", lists),
         Probe("/chat/completions?model={model}", lists),
         Probe("/chat/completions?metadata[team]={team}", lists),
-        Probe("/chat/completions?after={upstream}", lists),
-        Probe("/chat/completions/{upstream}", lists),
-        Probe("/chat/completions/{upstream}/messages", lists),
+        Probe("/chat/completions?after={completion}", lists),
+        Probe("/chat/completions/{completion}", lists),
+        Probe("/chat/completions/{completion}/messages", lists),
     ]
 
 
@@ -639,70 +706,119 @@ async def _run_http(
     import httpx
 
     from qwen_persist.api import create_app
-    from qwen_persist.api.app import handles
     from qwen_persist.config import api_options
 
     _, _, prefix = api_options(TOKEN, None, None, {})
     app = create_app(h, api_token=TOKEN)
 
-    def routed(url: str) -> bool:
-        scope = {
-            "type": "http",
-            "method": "GET",
-            "path": url.partition("?")[0],
-            "root_path": "",
-            "headers": [],
-        }
-        return handles(app, scope)
+    def route_of(url: str) -> Any:
+        """The route the router sends a GET of ``url`` to (the first that matches), or None."""
+        scope = {"type": "http", "method": "GET", "path": unquote(url.partition("?")[0]), "root_path": ""}
+        return next(
+            (r for r in app.router.routes if r.matches({**scope, "headers": []})[0] is Match.FULL), None
+        )
 
     results = []
     probes = [p for p in http_probes() if not args.only or any(word in p.name for word in args.only)]
-    transport = httpx.ASGITransport(app=app)
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    async with httpx.AsyncClient(transport=transport, base_url="http://bench", headers=headers) as client:
-        for probe in probes:
-            rng = random.Random(f"{args.seed}-{probe.name}")
-            url = prefix + probe.make(draw(s, rng))
-            if not routed(url):
-                results.append(
-                    Result(probe.name, backend, 0, None, None, None, None, probe.goal_ms, "no route")
-                )
-                continue
-            answer = await client.get(url)
-            if answer.status_code != 200:
-                note = f"HTTP {answer.status_code}: {answer.text[:100]}"
-                results.append(Result(probe.name, backend, 0, None, None, None, None, probe.goal_ms, note))
-                log(f"  {probe.name}: {note}")
-                continue
-            for _ in range(WARMUP - 1):
-                await client.get(url)
-            times: list[float] = []
-            sizes: list[float | None] = []
-            began = time.perf_counter()
-            while len(times) < args.reps and (
-                len(times) < MIN_REPS or time.perf_counter() - began < args.budget
-            ):
+    server = contextlib.ExitStack()
+    if getattr(args, "via", "asgi") == "uvicorn":
+        # Blocks the loop while uvicorn starts: nothing else runs on it yet.
+        base_url = server.enter_context(
+            api_server(h.engine.url.render_as_string(hide_password=False), prefix)
+        )
+        client = httpx.AsyncClient(base_url=base_url, headers=headers)
+    else:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://bench", headers=headers
+        )
+    with server:
+        async with client:
+            for probe in probes:
+                rng = random.Random(f"{args.seed}-{probe.name}")
                 url = prefix + probe.make(draw(s, rng))
-                start = time.perf_counter()
+                if route_of(url) is None:
+                    results.append(
+                        Result(probe.name, backend, 0, None, None, None, None, probe.goal_ms, "no route")
+                    )
+                    continue
                 answer = await client.get(url)
-                times.append(time.perf_counter() - start)
-                body = answer.json() if answer.status_code == 200 else None
-                data = body.get("data") if isinstance(body, dict) else body
-                sizes.append(float(len(data)) if isinstance(data, list) else None)
-            result = summarise(probe.name, backend, times, sizes, probe.goal_ms, "HTTP")
-            results.append(result)
-            log(_line(result))
+                if answer.status_code != 200:
+                    note = f"HTTP {answer.status_code}: {answer.text[:100]}"
+                    results.append(
+                        Result(probe.name, backend, 0, None, None, None, None, probe.goal_ms, note)
+                    )
+                    log(f"  {probe.name}: {note}")
+                    continue
+                for _ in range(WARMUP - 1):
+                    await client.get(url)
+                times: list[float] = []
+                sizes: list[float | None] = []
+                refused: dict[int, int] = {}
+                began = time.perf_counter()
+                while len(times) < args.reps and (
+                    len(times) < MIN_REPS or time.perf_counter() - began < args.budget
+                ):
+                    url = prefix + probe.make(draw(s, rng))
+                    start = time.perf_counter()
+                    answer = await client.get(url)
+                    times.append(time.perf_counter() - start)
+                    if answer.status_code != 200:
+                        refused[answer.status_code] = refused.get(answer.status_code, 0) + 1
+                    body = answer.json() if answer.status_code == 200 else None
+                    data = body.get("data") if isinstance(body, dict) else body
+                    sizes.append(float(len(data)) if isinstance(data, list) else None)
+                note = "HTTP" + "".join(f"; {n} answered {status}" for status, n in sorted(refused.items()))
+                result = summarise(probe.name, backend, times, sizes, probe.goal_ms, note)
+                results.append(result)
+                log(_line(result))
     # The app's GET routes that no probe reaches: new endpoints this benchmark does not time yet.
-    reached = [prefix + probe.make(draw(s, random.Random(0))).partition("?")[0] for probe in http_probes()]
+    reached = {id(route_of(prefix + probe.make(draw(s, random.Random(0))))) for probe in http_probes()}
     for route in app.router.routes:
-        if "GET" not in (getattr(route, "methods", None) or ()):
-            continue
-        scope = {"type": "http", "method": "GET", "root_path": "", "headers": []}
-        if not any(route.matches({**scope, "path": path})[0] is Match.FULL for path in reached):
+        if "GET" in (getattr(route, "methods", None) or ()) and id(route) not in reached:
             name = f"GET {getattr(route, 'path', route)}"
             log(f"  {name}: no probe for this route")
             results.append(Result(name, backend, 0, None, None, None, None, None, "no probe"))
     return results
+
+
+@contextlib.contextmanager
+def api_server(url: str, prefix: str) -> Iterator[str]:
+    """The API as it is deployed on its own: ``uvicorn --factory qwen_persist.api:create_app`` over
+    ``url``, in a process of its own on a loopback port; yields its base URL."""
+    import httpx
+
+    sock = listening_socket()
+    env = {**os.environ, "QWEN_PERSIST_DATABASE_URL": url, "QWEN_PERSIST_API_TOKEN": TOKEN}
+    command = [sys.executable, "-m", "uvicorn", "--factory", "qwen_persist.api:create_app"]
+    command += ["--fd", str(sock.fileno()), "--log-level", "warning", "--no-access-log"]
+    process = subprocess.Popen(command, pass_fds=[sock.fileno()], env=env)
+    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the API server exited with {process.returncode}")
+            try:
+                probe = httpx.get(
+                    f"{base_url}{prefix}/sessions?limit=1", headers={"Authorization": f"Bearer {TOKEN}"}
+                )
+                if probe.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API server did not come up in 30 s")
+            time.sleep(0.1)
+        yield base_url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def run_http(
@@ -752,6 +868,14 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", action="store_true", help=f"keep the PostgreSQL database {POSTGRES_DATABASE}"
     )
     parser.add_argument("--no-http", dest="http", action="store_false", help="repository calls only")
+    parser.add_argument(
+        "--http-via",
+        dest="via",
+        choices=("asgi", "uvicorn"),
+        default="asgi",
+        help="drive the API in process (httpx.ASGITransport, the default) or over loopback HTTP to\n"
+        "uvicorn --factory qwen_persist.api:create_app in a process of its own",
+    )
     parser.add_argument("--only", nargs="*", help="only the calls whose name contains one of these words")
     parser.add_argument(
         "--explain-all", action="store_true", help="print every call's plans, not only misses"

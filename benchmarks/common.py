@@ -126,7 +126,7 @@ class ServerRun:
         return self.answered == self.requests_rows == self.responses_rows
 
 
-def _listening_socket() -> socket.socket:
+def listening_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # uvicorn leaves sockets it is handed as they are; without NODELAY keep-alive requests stall ~40 ms.
@@ -140,7 +140,7 @@ def _listening_socket() -> socket.socket:
 @contextlib.contextmanager
 def server(variant: str, database_url: str | None, workdir: Path) -> Iterator[ServerRun]:
     """Start ``benchmarks.app`` on the server core; on exit stop it gracefully and count the rows."""
-    sock = _listening_socket()
+    sock = listening_socket()
     count_file = workdir / f"answered-{uuid.uuid4().hex[:8]}"
     args = [sys.executable, "-m", "benchmarks.app", variant, str(sock.fileno()), str(count_file)]
     if database_url:

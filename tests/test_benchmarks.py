@@ -90,9 +90,11 @@ def test_generated_store_is_the_migrated_schema_read_back_as_meant(migrated_url:
         assert len(results) == len(bench_read.repository_cases(history, samples))
         assert all(r.n == 2 and r.p95_ms is not None and r.statements for r in results)
         assert all(bench_read.explain(history.engine, *r.statements[-1]) for r in results)
+        # Every probe has its route and is answered 200; every GET route of the API has a probe.
         probes = bench_read.run_http(history, backend, samples, args, lambda _: None)
-        assert {r.call for r in probes} >= {p.name for p in bench_read.http_probes()}
-        assert all(r.n in (0, 2) for r in probes)
+        assert [r.call for r in probes] == [p.name for p in bench_read.http_probes()]
+        assert all(r.n == 2 and r.note == "HTTP" for r in probes), [r for r in probes if r.note != "HTTP"]
+        assert {r.call: r.rows for r in probes}["GET /chat/completions?limit=20"] == 20
 
 
 def test_the_command_writes_its_figures_and_reuses_its_store(tmp_path: Path) -> None:
