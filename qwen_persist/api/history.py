@@ -11,7 +11,6 @@ has a route of its own (``/requests/by-request-id/{request_id}``): a UUID is nev
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from starlette.requests import Request
@@ -20,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..repositories import InvalidParameter, ResponseFilter, SessionFilter
 from ..repositories.exchanges import check_id
-from ..repositories.rows import ExchangeRecord, ResponseRecord, SessionInfo
+from ..repositories.rows import ExchangeRecord, ResponseRecord, SessionInfo, shallow_dict
 from .errors import not_found
 from .params import (
     PAGE,
@@ -41,7 +40,7 @@ from .responses import JSON, answer, history, list_body, plain_list
 
 
 def _session(info: SessionInfo) -> dict[str, Any]:
-    return dataclasses.asdict(info)
+    return shallow_dict(info)
 
 
 def _session_id(request: Request) -> str:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
 from ..export import exchange_document, reply_message, request_messages
 from ..repositories import ExchangeRecord, History, Pagination, SessionFilter, SessionInfo
+from ..repositories.rows import shallow_dict
 from ..sessions import now_ms
 from ..transcript import clock, content_text
 from .base import (
@@ -126,7 +126,7 @@ def _requests(args: argparse.Namespace) -> int:
 
 
 def session_document(session: SessionInfo) -> dict[str, Any]:
-    return {**dataclasses.asdict(session), "expired": session.expired}
+    return {**shallow_dict(session), "expired": session.expired}
 
 
 def _sessions(args: argparse.Namespace) -> int:

@@ -17,6 +17,14 @@ from ..sessions import SessionInfo
 
 T = TypeVar("T")
 
+
+def shallow_dict(record: Any) -> dict[str, Any]:
+    """A record's fields as a dict, the stored documents shared rather than copied: the readers (the JSON
+    encoder, the CLI) only read them, and ``dataclasses.asdict``'s deep copy of every body took 10 ms of
+    a 100-exchange page (benchmarks/bench_read.py)."""
+    return {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
+
+
 __all__ = [
     "ExchangeRecord",
     "Page",
@@ -69,7 +77,7 @@ class RequestRecord:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return shallow_dict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +117,7 @@ class ResponseRecord:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return shallow_dict(self)
 
 
 _RESPONSE_FIELDS = tuple(field.name for field in dataclasses.fields(ResponseRecord))
@@ -137,7 +145,7 @@ class SessionDetail:
     request_count: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.session), "request_count": self.request_count}
+        return {**shallow_dict(self.session), "request_count": self.request_count}
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,4 +192,4 @@ class StatsRow:
         return self.succeeded / answered if answered else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "success_rate": self.success_rate}
+        return {**shallow_dict(self), "success_rate": self.success_rate}
