@@ -12,6 +12,7 @@ proxied (and, on PostgreSQL, a read stuck on a table lock holding up no stream),
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
 from support import ROOT, serve, stored_exchanges, stored_sessions
 from traffic import Traffic, record_traffic
 
@@ -997,6 +999,38 @@ def test_mounted_in_an_admin_app(migrated_url: str) -> None:
             )
             assert "/admin/v1/requests/by-request-id/abc" in error["message"]
             assert_error(httpx.get(f"{base}/admin/v1/sessions"), 401)
+
+
+def lifespans(app: Starlette, path: str, headers: dict[str, str]) -> list[int]:
+    """The status of ``GET path`` in each of four lifespans of the same app object: two under
+    Starlette's TestClient, two under uvicorn."""
+    statuses = []
+    for _ in range(2):
+        with TestClient(app, headers=headers) as client:
+            statuses.append(client.get(path).status_code)
+    for _ in range(2):
+        with serve(app) as base:
+            statuses.append(httpx.get(f"{base}{path}", headers=headers).status_code)
+    return statuses
+
+
+def test_the_standalone_app_serves_again_after_its_lifespan_ends(migrated_url: str) -> None:
+    """The app's History is closed at each shutdown; the next startup of the same app reads again."""
+    app = create_app(migrated_url, api_token="t", environ={})
+    assert lifespans(app, "/v1/sessions", bearer("t")) == [200] * 4
+
+
+def test_the_middleware_api_serves_again_after_its_lifespan_ends(migrated_url: str, tmp_path: Path) -> None:
+    app = wrapped_app(migrated_url, tmp_path, api_token="t")
+    assert lifespans(app, "/v1/stats", bearer("t")) == [200] * 4
+
+
+def test_a_closed_history_reads_again(migrated_url: str) -> None:
+    history = History(migrated_url)
+    history.close()
+    history.close()  # idempotent
+    assert asyncio.run(history.sessions.alist()).items == []
+    history.close()
 
 
 def test_an_unmigrated_database_is_a_503(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
