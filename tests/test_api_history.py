@@ -817,6 +817,32 @@ def test_delete_session_cascades_to_its_exchanges(fresh: Fresh) -> None:
     assert_error(fresh.api.delete("/v1/sessions/s-alpha"), 404)
 
 
+def test_a_session_id_ending_in_a_route_suffix_as_the_readme_says(fresh: Fresh) -> None:
+    """``team/stats``: its GET routes need the suffix spelled out, its detail is out of reach by path (the
+    path reads as session ``team``'s stats), the filters and DELETE reach it."""
+    client = openai.OpenAI(base_url=f"{fresh.base}/v1", api_key="sk-client", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="fake-text",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-session-id": "team/stats"},
+    )
+    request_id = raw.headers["x-request-id"]
+    wait_for(lambda: stored(fresh.api, request_id), "the exchange to be stored")
+    assert_error(fresh.api.get("/v1/sessions/team/stats"), 404)  # session "team"'s stats: no such session
+    (figures,) = fresh.api.get("/v1/sessions/team/stats/stats").json()["data"]
+    assert figures["count"] == 1
+    assert [r["request_id"] for r in fresh.api.get("/v1/sessions/team/stats/requests").json()["data"]] == [
+        request_id
+    ]
+    listed = fresh.api.get("/v1/requests", params={"session_id": "team/stats", "order": "asc"}).json()["data"]
+    assert [r["request_id"] for r in listed] == [request_id]
+    (figures,) = fresh.api.get("/v1/stats", params={"session_id": "team/stats"}).json()["data"]
+    assert figures["count"] == 1
+    answer = fresh.api.delete("/v1/sessions/team/stats")
+    assert answer.json() == {"id": "team/stats", "object": "session.deleted", "deleted": True}
+    assert "team/stats" not in stored_sessions(fresh.url)
+
+
 def test_delete_request_with_its_response(fresh: Fresh) -> None:
     rows = stored_exchanges(fresh.url)
     request, response = rows[2]
