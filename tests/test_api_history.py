@@ -1115,11 +1115,34 @@ def test_a_closed_history_reads_again(migrated_url: str) -> None:
     history.close()
 
 
-def test_an_unmigrated_database_is_a_503(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    with serve(create_app(sqlite_url, api_anonymous=True, environ={})) as base:
-        error = assert_error(httpx.get(f"{base}/v1/requests"), 503)
-        assert error["code"] == "database_unavailable" and error["type"] == "api_error"
-    assert "could not answer" in caplog.text
+def test_a_missing_sqlite_file_is_refused_not_created(tmp_path: Path) -> None:
+    """Reading never creates a database: an empty file would answer "no such table" forever."""
+    missing = tmp_path / "missing.db"
+    url = f"sqlite:///{missing}"
+    for make in (lambda: History(url), lambda: create_app(url, api_anonymous=True, environ={})):
+        with pytest.raises(
+            ConfigurationError, match=r"no database at .*missing\.db.*qwen-persist db upgrade"
+        ):
+            make()
+    with pytest.raises(ConfigurationError, match="no database at"):
+        create_app(api_anonymous=True, environ={"QWEN_PERSIST_DATABASE_URL": url})
+    assert not missing.exists()
+
+
+def test_an_unmigrated_database_says_to_migrate(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Not "try again later" forever: the answer names the command that fixes it, logged once."""
+    engine = make_engine(database_url)
+    with engine.connect():
+        pass  # the SQLite file exists now, without any table
+    engine.dispose()
+    with serve(create_app(database_url, api_anonymous=True, environ={})) as base:
+        for path in ("/v1/requests", "/v1/sessions", "/v1/stats", "/v1/chat/completions"):
+            error = assert_error(httpx.get(f"{base}{path}"), 503)
+            assert error["code"] == "database_not_migrated" and error["type"] == "api_error"
+            assert "qwen-persist db upgrade" in error["message"], error
+    logged = [record for record in caplog.records if "qwen_persist schema" in record.getMessage()]
+    assert len(logged) == 1 and "qwen-persist db upgrade" in logged[0].getMessage()
+    assert "could not answer" not in caplog.text
 
 
 # ------------------------------------------------------------------------------------ middleware options

@@ -21,7 +21,8 @@ from typing import ParamSpec, TypeVar
 
 from sqlalchemy import Engine
 
-from ..engine import make_engine
+from ..config import ConfigurationError
+from ..engine import make_engine, missing_sqlite_file, resolve_database_url
 from .completions import LIBRARY_METADATA_KEYS, CompletionFilter, CompletionRepository, StoredCompletion
 from .exchanges import RequestRepository, ResponseRepository
 from .pruning import PruneCounts, PruningRepository
@@ -110,9 +111,22 @@ class History:
     expensive reads queues there instead of taking every thread the event loop's default pool has.
     `close` may be called any number of times, and a closed History may still be used: its pool and the
     engine's connections start again on demand.
+
+    A SQLite URL must name a file that exists (`ConfigurationError` otherwise): reading never creates
+    a database.
     """
 
     def __init__(self, database: str | Engine | None = None, *, executor: Executor | None = None) -> None:
+        if not isinstance(database, Engine):
+            url = resolve_database_url(database)
+            missing = missing_sqlite_file(url)
+            if missing is not None:
+                raise ConfigurationError(
+                    f"no database at {missing}: the SQLite file does not exist (nothing recorded there "
+                    "yet?); reading never creates one: give the right URL, or create and migrate it with "
+                    f"qwen-persist db upgrade --database-url {url}"
+                )
+            database = url
         self._owns_engine = not isinstance(database, Engine)
         self.engine: Engine = database if isinstance(database, Engine) else make_engine(database)
         self._owns_executor = executor is None
