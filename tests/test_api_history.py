@@ -665,6 +665,19 @@ def test_bad_parameters_on_deletes_and_the_purge_change_nothing(live: Live) -> N
     assert table_counts(live.url) == before
 
 
+def test_the_hint_for_a_non_numeric_id_fits_the_method(live: Live) -> None:
+    """The by-request-id route only reads: a DELETE is told how to find the numeric id, not sent there."""
+    request_id = live.traffic.seen[0].request_id
+    lookup = f"/v1/requests/by-request-id/{request_id}"
+    got = assert_error(live.api.get(f"/v1/requests/{request_id}"), 400, "id")
+    assert f"look up an X-Request-Id at {lookup}" in got["message"]
+    deleting = assert_error(live.api.delete(f"/v1/requests/{request_id}"), 400, "id")
+    assert f"GET {lookup} gives its numeric id" in deleting["message"], deleting
+    assert live.api.delete(lookup).status_code in (404, 405)  # where the GET hint would have sent it
+    numeric = live.api.get(lookup).json()["id"]  # and the hint, followed, gives the id DELETE takes
+    assert isinstance(numeric, int) and live.api.get(f"/v1/requests/{numeric}").status_code == 200
+
+
 # ------------------------------------------------------------------------------------------- injection
 
 INJECTIONS = [
