@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -35,6 +36,20 @@ def normalize_url(database_url: str | URL) -> URL:
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
     return url
+
+
+def missing_sqlite_file(database_url: str | URL) -> Path | None:
+    """The file a SQLite URL names, when it does not exist; None for an existing file, an in-memory
+    database and other backends. Reads check this first: SQLite would create an empty file, in which
+    every query then fails for want of tables."""
+    url = normalize_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database or ""
+    if database in ("", ":memory:") or "mode=memory" in str(url.query):
+        return None
+    path = Path(database.removeprefix("file:").split("?", 1)[0])
+    return None if path.exists() else path
 
 
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -12,6 +12,7 @@ proxied (and, on PostgreSQL, a read stuck on a table lock holding up no stream),
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
 from support import ROOT, serve, stored_exchanges, stored_sessions
 from traffic import Traffic, record_traffic
 
@@ -663,6 +665,19 @@ def test_bad_parameters_on_deletes_and_the_purge_change_nothing(live: Live) -> N
     assert table_counts(live.url) == before
 
 
+def test_the_hint_for_a_non_numeric_id_fits_the_method(live: Live) -> None:
+    """The by-request-id route only reads: a DELETE is told how to find the numeric id, not sent there."""
+    request_id = live.traffic.seen[0].request_id
+    lookup = f"/v1/requests/by-request-id/{request_id}"
+    got = assert_error(live.api.get(f"/v1/requests/{request_id}"), 400, "id")
+    assert f"look up an X-Request-Id at {lookup}" in got["message"]
+    deleting = assert_error(live.api.delete(f"/v1/requests/{request_id}"), 400, "id")
+    assert f"GET {lookup} gives its numeric id" in deleting["message"], deleting
+    assert live.api.delete(lookup).status_code in (404, 405)  # where the GET hint would have sent it
+    numeric = live.api.get(lookup).json()["id"]  # and the hint, followed, gives the id DELETE takes
+    assert isinstance(numeric, int) and live.api.get(f"/v1/requests/{numeric}").status_code == 200
+
+
 # ------------------------------------------------------------------------------------------- injection
 
 INJECTIONS = [
@@ -716,6 +731,62 @@ def test_sql_injection_finds_nothing_and_changes_nothing(
     assert table_counts(live.url) == before
 
 
+# Every text a route reads, with a NUL in it: (method, path, query, the parameter the 400 names).
+NULS = [
+    ("GET", "/v1/sessions", "after=s-alpha%00", "after"),
+    ("GET", "/v1/sessions", "order_by=created_at%00", "order_by"),
+    ("GET", "/v1/sessions/s-alpha%00", "", "session_id"),
+    ("GET", "/v1/sessions/s-alpha%00/requests", "", "session_id"),
+    ("GET", "/v1/sessions/s-alpha/requests", "model=fake-text%00", "model"),
+    ("GET", "/v1/sessions/s-alpha%00/stats", "", "session_id"),
+    ("GET", "/v1/sessions/s-alpha/stats", "group_by=model%00", "group_by"),
+    ("DELETE", "/v1/sessions/s-alpha%00", "", "session_id"),
+    ("GET", "/v1/requests", "session_id=s-alpha%00", "session_id"),
+    ("GET", "/v1/requests", "model=fake-text%00", "model"),
+    ("GET", "/v1/requests/1%00", "", "id"),
+    ("DELETE", "/v1/requests/1%00", "", "id"),
+    ("GET", "/v1/requests/by-request-id/x%00", "", "request_id"),
+    ("GET", "/v1/responses", "session_id=s-alpha%00", "session_id"),
+    ("GET", "/v1/responses", "finish_reason=stop%00", "finish_reason"),
+    ("GET", "/v1/responses/1%00", "", "id"),
+    ("GET", "/v1/responses/stats", "model=fake-text%00", "model"),
+    ("GET", "/v1/stats", "session_id=s-alpha%00", "session_id"),
+    ("GET", "/v1/chat/completions", "model=fake-text%00", "model"),
+    ("GET", "/v1/chat/completions", "after=chatcmpl-x%00", "after"),
+    ("GET", "/v1/chat/completions/chatcmpl-x%00", "", "completion_id"),
+    ("POST", "/v1/chat/completions/chatcmpl-x%00", "", "completion_id"),
+    ("DELETE", "/v1/chat/completions/chatcmpl-x%00", "", "completion_id"),
+    ("GET", "/v1/chat/completions/chatcmpl-x%00/messages", "", "completion_id"),
+    ("GET", "/v1/chat/completions/chatcmpl-x/messages", "after=x%00", "after"),
+    ("GET", "/v1/stats", "api-version=1&model=%00", "model"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "param"), NULS, ids=[f"{m} {p} {q}" for m, p, q, _ in NULS]
+)
+def test_a_nul_in_any_parameter_is_a_400_naming_it(
+    live: Live, caplog: pytest.LogCaptureFixture, method: str, path: str, query: str, param: str
+) -> None:
+    """The same answer on both databases (PostgreSQL cannot compare text with NUL: it was a 503 and an
+    ERROR line there), and nothing changed."""
+    before = table_counts(live.url)
+    body = {"metadata": {}} if method == "POST" else None
+    answer = live.api.request(method, f"{path}?{query}" if query else path, json=body)
+    error = assert_error(answer, 400, param)
+    assert "NUL" in error["message"]
+    assert "could not answer" not in caplog.text
+    assert table_counts(live.url) == before
+
+
+def test_a_nul_in_a_metadata_filter_is_matched_as_sent(live: Live, caplog: pytest.LogCaptureFixture) -> None:
+    """Metadata may hold NUL (stored escaped); its filter looks for it rather than refusing it."""
+    for query in ("metadata[tag%00]=x", "metadata[tag]=x%00"):
+        answer = live.api.get(f"/v1/chat/completions?{query}")
+        assert answer.status_code == 200 and answer.json()["data"] == [], answer.text
+    assert "could not answer" not in caplog.text
+
+
 # ------------------------------------------------------------------------------------------- mutations
 
 
@@ -757,6 +828,32 @@ def test_delete_session_cascades_to_its_exchanges(fresh: Fresh) -> None:
     assert_error(fresh.api.get("/v1/sessions/s-alpha"), 404)
     assert_error(fresh.api.get(f"/v1/requests/{alpha[0][0].id}"), 404)
     assert_error(fresh.api.delete("/v1/sessions/s-alpha"), 404)
+
+
+def test_a_session_id_ending_in_a_route_suffix_as_the_readme_says(fresh: Fresh) -> None:
+    """``team/stats``: its GET routes need the suffix spelled out, its detail is out of reach by path (the
+    path reads as session ``team``'s stats), the filters and DELETE reach it."""
+    client = openai.OpenAI(base_url=f"{fresh.base}/v1", api_key="sk-client", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="fake-text",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-session-id": "team/stats"},
+    )
+    request_id = raw.headers["x-request-id"]
+    wait_for(lambda: stored(fresh.api, request_id), "the exchange to be stored")
+    assert_error(fresh.api.get("/v1/sessions/team/stats"), 404)  # session "team"'s stats: no such session
+    (figures,) = fresh.api.get("/v1/sessions/team/stats/stats").json()["data"]
+    assert figures["count"] == 1
+    assert [r["request_id"] for r in fresh.api.get("/v1/sessions/team/stats/requests").json()["data"]] == [
+        request_id
+    ]
+    listed = fresh.api.get("/v1/requests", params={"session_id": "team/stats", "order": "asc"}).json()["data"]
+    assert [r["request_id"] for r in listed] == [request_id]
+    (figures,) = fresh.api.get("/v1/stats", params={"session_id": "team/stats"}).json()["data"]
+    assert figures["count"] == 1
+    answer = fresh.api.delete("/v1/sessions/team/stats")
+    assert answer.json() == {"id": "team/stats", "object": "session.deleted", "deleted": True}
+    assert "team/stats" not in stored_sessions(fresh.url)
 
 
 def test_delete_request_with_its_response(fresh: Fresh) -> None:
@@ -999,11 +1096,66 @@ def test_mounted_in_an_admin_app(migrated_url: str) -> None:
             assert_error(httpx.get(f"{base}/admin/v1/sessions"), 401)
 
 
-def test_an_unmigrated_database_is_a_503(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    with serve(create_app(sqlite_url, api_anonymous=True, environ={})) as base:
-        error = assert_error(httpx.get(f"{base}/v1/requests"), 503)
-        assert error["code"] == "database_unavailable" and error["type"] == "api_error"
-    assert "could not answer" in caplog.text
+def lifespans(app: Starlette, path: str, headers: dict[str, str]) -> list[int]:
+    """The status of ``GET path`` in each of four lifespans of the same app object: two under
+    Starlette's TestClient, two under uvicorn."""
+    statuses = []
+    for _ in range(2):
+        with TestClient(app, headers=headers) as client:
+            statuses.append(client.get(path).status_code)
+    for _ in range(2):
+        with serve(app) as base:
+            statuses.append(httpx.get(f"{base}{path}", headers=headers).status_code)
+    return statuses
+
+
+def test_the_standalone_app_serves_again_after_its_lifespan_ends(migrated_url: str) -> None:
+    """The app's History is closed at each shutdown; the next startup of the same app reads again."""
+    app = create_app(migrated_url, api_token="t", environ={})
+    assert lifespans(app, "/v1/sessions", bearer("t")) == [200] * 4
+
+
+def test_the_middleware_api_serves_again_after_its_lifespan_ends(migrated_url: str, tmp_path: Path) -> None:
+    app = wrapped_app(migrated_url, tmp_path, api_token="t")
+    assert lifespans(app, "/v1/stats", bearer("t")) == [200] * 4
+
+
+def test_a_closed_history_reads_again(migrated_url: str) -> None:
+    history = History(migrated_url)
+    history.close()
+    history.close()  # idempotent
+    assert asyncio.run(history.sessions.alist()).items == []
+    history.close()
+
+
+def test_a_missing_sqlite_file_is_refused_not_created(tmp_path: Path) -> None:
+    """Reading never creates a database: an empty file would answer "no such table" forever."""
+    missing = tmp_path / "missing.db"
+    url = f"sqlite:///{missing}"
+    for make in (lambda: History(url), lambda: create_app(url, api_anonymous=True, environ={})):
+        with pytest.raises(
+            ConfigurationError, match=r"no database at .*missing\.db.*qwen-persist db upgrade"
+        ):
+            make()
+    with pytest.raises(ConfigurationError, match="no database at"):
+        create_app(api_anonymous=True, environ={"QWEN_PERSIST_DATABASE_URL": url})
+    assert not missing.exists()
+
+
+def test_an_unmigrated_database_says_to_migrate(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Not "try again later" forever: the answer names the command that fixes it, logged once."""
+    engine = make_engine(database_url)
+    with engine.connect():
+        pass  # the SQLite file exists now, without any table
+    engine.dispose()
+    with serve(create_app(database_url, api_anonymous=True, environ={})) as base:
+        for path in ("/v1/requests", "/v1/sessions", "/v1/stats", "/v1/chat/completions"):
+            error = assert_error(httpx.get(f"{base}{path}"), 503)
+            assert error["code"] == "database_not_migrated" and error["type"] == "api_error"
+            assert "qwen-persist db upgrade" in error["message"], error
+    logged = [record for record in caplog.records if "qwen_persist schema" in record.getMessage()]
+    assert len(logged) == 1 and "qwen-persist db upgrade" in logged[0].getMessage()
+    assert "could not answer" not in caplog.text
 
 
 # ------------------------------------------------------------------------------------ middleware options

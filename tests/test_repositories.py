@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,7 @@ from qwen_persist.repositories import (
     parse_since,
     parse_time,
 )
+from qwen_persist.repositories.queries import parse_bool
 from qwen_persist.repositories.writes import write_ops
 from qwen_persist.sessions import session_row
 
@@ -496,4 +498,31 @@ def test_every_list_filter_reads_through_an_index(sqlite_url: str, name: str) ->
                 # what that subquery found, itself checked here step by step.
                 if step.startswith("SCAN") and not step.startswith("SCAN anon_"):
                     assert "USING" in step and "INDEX" in step, (name, plan)
+    history.close()
+
+
+def test_boolean_spellings_the_error_lists_are_the_accepted_ones() -> None:
+    """The README and the error text list every spelling parse_bool takes."""
+    for spelling, value in (("yes", True), ("ON", True), ("no", False), ("Off", False)):
+        assert RequestFilter(has_error=parse_bool(spelling, "has_error")).has_error is value
+    with pytest.raises(InvalidParameter, match="true/false, 1/0, yes/no, on/off"):
+        parse_bool("maybe", "has_error")
+
+
+def test_the_session_list_cursor_as_the_readme_says(migrated_url: str) -> None:
+    """A session used while the list is paged moves in last_accessed order (newest first: missed), not in
+    created_at order (each seen once)."""
+    history = History(migrated_url)
+    for i in range(4):
+        history.sessions.create(f"s{i}", "hi", 60_000)
+        time.sleep(0.005)  # distinct creation and use times
+
+    def walk(order_by: str) -> list[str]:
+        first = history.sessions.list(page=Pagination(limit=2, order_by=order_by))
+        history.sessions.touch("s0", 60_000)  # used between the first page and the next
+        rest = history.sessions.list(page=Pagination(limit=10, after=first.items[-1].id, order_by=order_by))
+        return [info.id for info in first.items + rest.items]
+
+    assert walk("last_accessed") == ["s3", "s2", "s1"]  # s0 moved ahead of the cursor: missed
+    assert sorted(walk("created_at")) == ["s0", "s1", "s2", "s3"]
     history.close()

@@ -76,10 +76,40 @@ async def _http_exception(_: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
 
-async def _database_error(_: Request, exc: Exception) -> Response:
-    # A database that is down, locked or not migrated yet is a passing condition of the service, not a
-    # fault of the request: a 503 the client may retry, and one log line instead of a traceback.
+# PostgreSQL's undefined_table and undefined_column; SQLite says it in words.
+_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
+_SCHEMA_MESSAGES = ("no such table", "no such column")
+
+
+def schema_missing(exc: DBAPIError) -> bool:
+    """Whether the database failed for want of the library's tables or columns: not migrated, or
+    migrated by an older version."""
+    if getattr(exc.orig, "sqlstate", None) in _SCHEMA_SQLSTATES:
+        return True
+    return str(exc.orig).startswith(_SCHEMA_MESSAGES)
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DBAPIError)
+    if schema_missing(exc):
+        # Not a passing condition: nothing changes until someone migrates the database, so the answer
+        # says what to run, and the log says it once rather than on every request.
+        state = request.app.state
+        if not getattr(state, "schema_missing_logged", False):
+            state.schema_missing_logged = True
+            log.error(
+                "qwen_persist API: the database has no qwen_persist schema, or an older one (%s); "
+                "run: qwen-persist db upgrade --database-url <its URL>",
+                exc.orig,
+            )
+        return error_response(
+            503,
+            "The database is not migrated: the qwen_persist schema is missing or older than this "
+            "version's. Run `qwen-persist db upgrade` against it.",
+            code="database_not_migrated",
+        )
+    # A database that is down or locked is a passing condition of the service, not a fault of the
+    # request: a 503 the client may retry, and one log line instead of a traceback.
     log.error("qwen_persist API: the database could not answer: %s", exc.orig)
     return error_response(503, "The database could not answer; try again later.", code="database_unavailable")
 

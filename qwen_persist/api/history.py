@@ -129,9 +129,13 @@ def _request_row_id(request: Request) -> int:
         # Most likely the X-Request-Id a client received: say where that one is looked up.
         raw = request.path_params["id"]
         other = request.url.path.rsplit("/", 1)[0] + "/by-request-id/" + raw
+        if request.method == "GET":
+            hint = f"look up an X-Request-Id at {other}"
+        else:
+            # The by-request-id route only reads: it gives the numeric id this route takes.
+            hint = f"for an X-Request-Id, GET {other} gives its numeric id"
         raise InvalidParameter(
-            "id",
-            f"{exc.message}; request ids here are the numeric row ids, look up an X-Request-Id at {other}",
+            "id", f"{exc.message}; request ids here are the numeric row ids, {hint}"
         ) from None
 
 

@@ -4,6 +4,11 @@ An endpoint lists the parameters it accepts; anything else is refused rather tha
 as ``modle=x`` answers 400 instead of silently returning every row. A parameter given twice, or given
 empty, is refused too: neither has one obvious meaning. The values go through the parsers of
 `qwen_persist.repositories.queries`, so the API and the CLI accept the same spellings.
+
+A NUL character (``%00``) in a parameter, or in an id in the path, is refused the same way on both
+databases: no stored id, name or cursor holds one (PostgreSQL cannot compare text with NUL at all, and
+would fail the query). Metadata pairs are the exception: metadata may hold NUL, stored escaped, and a
+``metadata[key]=value`` filter finds it as it was sent.
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ IGNORED = ("api-version",)
 
 def read_query(request: Request, accepted: tuple[str, ...], *, pairs: str | None = None) -> dict[str, str]:
     """The query string as one value per name, after refusing names not in ``accepted``, repeated
-    names and empty values. With ``pairs="metadata"``, ``metadata[key]=value`` parameters are accepted
-    too (values may be empty), under their full names: `read_pairs` collects them."""
+    names, empty values and NUL characters (in the path's parameters too). With ``pairs="metadata"``,
+    ``metadata[key]=value`` parameters are accepted too (values may be empty or hold NUL), under their
+    full names: `read_pairs` collects them."""
+    for name, value in request.path_params.items():
+        _refuse_nul(name, value)
     values: dict[str, str] = {}
     for name, value in request.query_params.multi_items():
         if name in IGNORED:
@@ -40,8 +48,15 @@ def read_query(request: Request, accepted: tuple[str, ...], *, pairs: str | None
             raise InvalidParameter(name, "given more than once")
         if not value.strip() and not paired:
             raise InvalidParameter(name, "is empty; leave it out instead")
+        if not paired:
+            _refuse_nul(name, value)
         values[name] = value
     return values
+
+
+def _refuse_nul(name: str, value: object) -> None:
+    if isinstance(value, str) and "\x00" in value:
+        raise InvalidParameter(name, "holds a NUL character (%00), which no stored id or name holds")
 
 
 def read_pairs(query: Mapping[str, str], name: str) -> dict[str, str] | None:

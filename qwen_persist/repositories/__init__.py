@@ -14,11 +14,15 @@ the CLI all go through these classes.
 
 from __future__ import annotations
 
-from concurrent.futures import Executor, ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
 
 from sqlalchemy import Engine
 
-from ..engine import make_engine
+from ..config import ConfigurationError
+from ..engine import make_engine, missing_sqlite_file, resolve_database_url
 from .completions import LIBRARY_METADATA_KEYS, CompletionFilter, CompletionRepository, StoredCompletion
 from .exchanges import RequestRepository, ResponseRepository
 from .pruning import PruneCounts, PruningRepository
@@ -47,6 +51,7 @@ __all__ = [
     "Pagination",
     "PruneCounts",
     "PruningRepository",
+    "ReadPool",
     "RequestFilter",
     "RequestRecord",
     "RequestRepository",
@@ -67,6 +72,35 @@ __all__ = [
 
 READ_THREADS = 4  # reads in flight at once from the async face; more wait their turn
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class ReadPool(Executor):
+    """A thread pool that starts on first use, and again on the first use after `shutdown`: a `History`
+    closed at the end of an app's lifespan serves the next lifespan of the same app (a server restarted
+    in-process, a test client run twice) instead of refusing every read."""
+
+    def __init__(
+        self, max_workers: int = READ_THREADS, thread_name_prefix: str = "qwen_persist-read"
+    ) -> None:
+        self._max_workers = max_workers
+        self._thread_name_prefix = thread_name_prefix
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._max_workers, self._thread_name_prefix)
+            return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
 
 class History:
     """The repositories over one database: ``sessions``, ``requests``, ``responses``, ``stats``,
@@ -75,15 +109,28 @@ class History:
     Give a URL (the engine is made, and disposed by `close`) or an engine of your own (left open). The
     async methods (``a``-prefixed) run in a small thread pool of the History's own, so a burst of
     expensive reads queues there instead of taking every thread the event loop's default pool has.
+    `close` may be called any number of times, and a closed History may still be used: its pool and the
+    engine's connections start again on demand.
+
+    A SQLite URL must name a file that exists (`ConfigurationError` otherwise): reading never creates
+    a database.
     """
 
     def __init__(self, database: str | Engine | None = None, *, executor: Executor | None = None) -> None:
+        if not isinstance(database, Engine):
+            url = resolve_database_url(database)
+            missing = missing_sqlite_file(url)
+            if missing is not None:
+                raise ConfigurationError(
+                    f"no database at {missing}: the SQLite file does not exist (nothing recorded there "
+                    "yet?); reading never creates one: give the right URL, or create and migrate it with "
+                    f"qwen-persist db upgrade --database-url {url}"
+                )
+            database = url
         self._owns_engine = not isinstance(database, Engine)
         self.engine: Engine = database if isinstance(database, Engine) else make_engine(database)
         self._owns_executor = executor is None
-        self.executor: Executor = executor or ThreadPoolExecutor(
-            max_workers=READ_THREADS, thread_name_prefix="qwen_persist-read"
-        )
+        self.executor: Executor = executor or ReadPool()
         self.sessions = SessionRepository(self.engine, self.executor)
         self.requests = RequestRepository(self.engine, self.executor)
         self.responses = ResponseRepository(self.engine, self.executor)

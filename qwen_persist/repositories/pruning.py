@@ -6,6 +6,8 @@ Two selections, each with a dry-run count that matches what the deletion would r
   cutoff, then the sessions left without any request that have expired and were last used before the
   cutoff. A live session keeps its recent exchanges and itself; only its old exchanges go.
 * **expired**: sessions whose expiry has passed, with all their exchanges.
+* **one session** (`delete_session`, what deleting a session through the API or `SessionManager` runs):
+  all its exchanges, answered or not, then the session itself.
 
 Every batch is one short transaction that deletes responses before their requests, so no row is ever
 left without its partner (see `exchanges.delete_exchanges`). A request still waiting for its response is
@@ -132,6 +134,42 @@ class PruningRepository(Repository):
         empty = and_(_s.expires_at <= at, not_(_has_requests()))
         return counts + self._delete_sessions(empty, batch_size, pause, stop)
 
+    def delete_session(
+        self,
+        session_id: str,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        pause: float = 0.0,
+        stop: threading.Event | None = None,
+    ) -> PruneCounts:
+        """Delete the session ``session_id`` with every exchange of it, ``batch_size`` exchanges per
+        transaction, then the session row; ``counts.sessions`` is 1 when it was deleted, 0 when there was
+        no such session (or ``stop`` ended the work first).
+
+        The session row goes last, and only in a statement that finds it without requests: a request the
+        proxy stores in the session meanwhile is never left without its session. Such a request is deleted
+        too (the session was asked to go), by another round of batches until the session is gone; should
+        the client send more after that, the proxy starts the session afresh, as for any new id. Unlike
+        the other selections this one does not spare a request still waiting for its response: the
+        response, when it comes, finds no request and is kept aside by the writer as for any deleted
+        request.
+        """
+        _check_batch_size(batch_size)
+        counts = PruneCounts()
+        empty = and_(_s.id == session_id, not_(_has_requests()))
+        while not _stopped(stop):
+            counts += self._delete_exchanges(_req.session_id == session_id, batch_size, pause, stop)
+            if _stopped(stop):
+                break
+            deleted = self._delete_sessions(empty, 1, 0.0, None)
+            if deleted.sessions:
+                return counts + deleted
+            with self.engine.connect() as conn:
+                if conn.execute(select(_s.id).where(_s.id == session_id)).first() is None:
+                    break  # no such session (or deleted by someone else meanwhile)
+            _rest(pause, stop)  # requests stored since the last batch: another round
+        return counts
+
     # -- the batches -------------------------------------------------------------------------------
 
     def _count(self, exchanges: ColumnElement[bool], sessions: ColumnElement[bool]) -> PruneCounts:
@@ -179,6 +217,7 @@ class PruningRepository(Repository):
     adelete_older_than = in_thread(delete_older_than)
     acount_expired = in_thread(count_expired)
     adelete_expired = in_thread(delete_expired)
+    adelete_session = in_thread(delete_session)
 
 
 def _stopped(stop: threading.Event | None) -> bool:

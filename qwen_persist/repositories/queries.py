@@ -110,7 +110,7 @@ def parse_bool(value: Any, param: str) -> bool:
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-    raise InvalidParameter(param, f"{value!r} is not a boolean (true/false, 1/0)")
+    raise InvalidParameter(param, f"{value!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
 
 
 # ------------------------------------------------------------------------------------------- filters

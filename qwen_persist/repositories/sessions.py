@@ -9,17 +9,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, case, delete, func, select, update
+from sqlalchemy import ColumnElement, Connection, case, func, select, update
 
 from ..models import requests_table, sessions_table
 from ..sessions import SessionInfo, now_ms, session_row
 from .base import Repository, few_matches, in_thread, lookup_key, paginate
-from .exchanges import delete_exchanges
 from .pruning import PruningRepository
 from .queries import Pagination, SessionFilter
 from .rows import Page, SessionDetail
 from .writes import upsert_sessions
 
+# Deleting a session: exchanges per transaction, and the rest the writer gets between two of them.
+DELETE_BATCH_SIZE = 500
+DELETE_PAUSE = 0.01
 SESSION_ORDER = ("last_accessed", "created_at", "updated_at", "expires_at")
 _s = sessions_table.c
 
@@ -156,21 +158,25 @@ class SessionRepository(Repository):
             )
         return bool(result.rowcount)
 
-    def delete(self, session_id: str) -> bool:
-        """Delete a session with all its requests and responses."""
-        with self.engine.begin() as conn:
-            ids = list(
-                conn.execute(
-                    select(requests_table.c.id).where(requests_table.c.session_id == session_id)
-                ).scalars()
-            )
-            delete_exchanges(conn, ids)
-            return bool(conn.execute(delete(sessions_table).where(_s.id == session_id)).rowcount)
+    def delete(
+        self, session_id: str, *, batch_size: int = DELETE_BATCH_SIZE, pause: float = DELETE_PAUSE
+    ) -> bool:
+        """Delete a session with all its requests and responses; False when there is no such session.
 
-    def purge_expired(self, *, batch_size: int = 1000, now: int | None = None) -> int:
-        """Delete expired sessions with their history, ``batch_size`` rows per short transaction; returns
-        how many sessions were deleted (see `PruningRepository.delete_expired`)."""
-        return PruningRepository(self.engine).delete_expired(batch_size=batch_size, now=now).sessions
+        However long the session, the work is done in short transactions of ``batch_size`` exchanges with
+        ``pause`` seconds between them, so the proxy's writer is never held off for long (see
+        `PruningRepository.delete_session`, also for a request stored in the session meanwhile)."""
+        pruning = PruningRepository(self.engine)
+        return bool(pruning.delete_session(session_id, batch_size=batch_size, pause=pause).sessions)
+
+    def purge_expired(
+        self, *, batch_size: int = 1000, pause: float = DELETE_PAUSE, now: int | None = None
+    ) -> int:
+        """Delete expired sessions with their history, ``batch_size`` rows per short transaction with
+        ``pause`` seconds between them; returns how many sessions were deleted (see
+        `PruningRepository.delete_expired`)."""
+        pruning = PruningRepository(self.engine)
+        return pruning.delete_expired(batch_size=batch_size, pause=pause, now=now).sessions
 
     def metrics(self) -> dict[str, int]:
         """``active`` (not expired) and ``total`` sessions."""
