@@ -12,7 +12,6 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 from rich import box
@@ -22,7 +21,7 @@ from rich.text import Text
 
 from .. import jsonlib
 from ..cli import CLIError, _database_errors, _safe_url, add_database_url_option, database_url
-from ..engine import normalize_url
+from ..engine import missing_sqlite_file
 from ..repositories import History, InvalidParameter, RequestFilter, parse_since
 from ..sessions import now_ms
 
@@ -182,17 +181,13 @@ def check_database(url: str) -> None:
     must not create an empty one) and a schema that is missing or older than this version's."""
     from .. import migrate
 
-    parsed = normalize_url(url)
     shown = _safe_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        in_memory = database in ("", ":memory:") or "mode=memory" in str(parsed.query)
-        path = Path(database.removeprefix("file:").split("?", 1)[0])
-        if not in_memory and not path.exists():
-            raise CLIError(
-                f"no database at {path}: the SQLite file does not exist (nothing recorded there yet?); "
-                "give the right one with --database-url or QWEN_PERSIST_DATABASE_URL"
-            )
+    path = missing_sqlite_file(url)
+    if path is not None:
+        raise CLIError(
+            f"no database at {path}: the SQLite file does not exist (nothing recorded there yet?); "
+            "give the right one with --database-url or QWEN_PERSIST_DATABASE_URL"
+        )
     revision = migrate.current(url)
     fix = f"run: qwen-persist db upgrade --database-url {shown}"
     if revision is None:
