@@ -100,16 +100,13 @@ def _deal(out: Output, exchange: ExchangeRecord, waiting: dict[int, float], foun
 
 def matches(found: RequestFilter, exchange: ExchangeRecord) -> bool:
     """Whether the exchange passes the filter's response terms, as the repositories judge them
-    (`exchanges.failed`: an error or a status of 400 or more; no response is no failure)."""
+    (`ResponseRecord.failed`; no response is no failure)."""
     response = exchange.response
     if found.status_code is not None and (response is None or response.status_code != found.status_code):
         return False
     if found.has_error is None:
         return True
-    failed = response is not None and (
-        response.error is not None or (response.status_code is not None and response.status_code >= 400)
-    )
-    return failed == found.has_error
+    return (response is not None and response.failed) == found.has_error
 
 
 def _interval(value: str) -> float:

@@ -105,6 +105,11 @@ class ResponseRecord:
     headers: Any
 
     @property
+    def failed(self) -> bool:
+        """An error recorded, or an error status (4xx/5xx) sent: `exchanges.failed`, in Python."""
+        return self.error is not None or (self.status_code is not None and self.status_code >= 400)
+
+    @property
     def succeeded(self) -> bool:
         """A complete answer: a 2xx or 3xx status and no error of any kind (the stats' definition)."""
         return self.error is None and self.status_code is not None and 200 <= self.status_code < 400
