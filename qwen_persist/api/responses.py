@@ -27,7 +27,7 @@ class JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
         try:
             return jsonlib.dumps(content).encode("utf-8")
-        except UnicodeEncodeError:
+        except UnicodeError:  # jsonlib's fallback leaves a surrogate that UTF-8 cannot decode
             # A lone surrogate in a stored string (possible in a body the standard library parsed) has no
             # UTF-8 form; JSON's \u escape carries it.
             return json.dumps(content, separators=(",", ":")).encode("ascii")
