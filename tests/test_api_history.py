@@ -1297,3 +1297,11 @@ def test_api_options(options: dict[str, Any], tokens: tuple[str, ...], anonymous
     settings = build_settings(**options)
     assert (settings.api_tokens, settings.api_anonymous, settings.api_prefix) == (tokens, anonymous, prefix)
     assert settings.api_enabled == bool(tokens or anonymous)
+
+
+def test_answers_carry_a_lone_surrogate_as_its_escape() -> None:
+    """No stored text holds one today (the writer refuses them), but an answer must never fail on one."""
+    from qwen_persist.api.responses import JSON
+
+    assert JSON({"text": "x\ud800y", "ok": "é"}).body == b'{"text":"x\\ud800y","ok":"\\u00e9"}'
+    assert JSON({"ok": "é"}).body == '{"ok":"é"}'.encode()
