@@ -348,12 +348,16 @@ def test_retention_deletes_old_history_in_the_background(
         with serve(app) as proxy:
             client = openai.OpenAI(base_url=f"{proxy}/v1", api_key="sk-test", max_retries=0)
             client.chat.completions.create(model="fake-text", messages=[{"role": "user", "content": "new"}])
+            middleware = find_middleware(app)
+            assert middleware.retention is not None
+            expected = PruneCounts(requests=6, responses=6, sessions=2)
             deadline = time.monotonic() + 60
-            while rows(migrated_url)["requests"] & old:
+            # Until the pass has ended, not just until the requests are gone: its sessions go after them,
+            # and leaving now would stop the thread mid-pass.
+            while rows(migrated_url)["requests"] & old or middleware.retention.deleted != expected:
                 assert time.monotonic() < deadline, "the retention pass never came"
                 time.sleep(0.2)
-            middleware = find_middleware(app)
-            assert middleware.retention is not None and middleware.retention.passes >= 1
+            assert middleware.retention.passes >= 1
             # The request path went on meanwhile.
             client.chat.completions.create(model="fake-text", messages=[{"role": "user", "content": "newer"}])
         thread = middleware.retention._thread
