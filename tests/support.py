@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import threading
 import time
@@ -90,3 +91,15 @@ def find_middleware(app: Any) -> Any:
     while not isinstance(layer, PersistenceMiddleware):
         layer = layer.app
     return layer
+
+
+def percentile_cont(values: list[float], p: float) -> float | None:
+    """The p-th percentile as PostgreSQL's ``percentile_cont`` defines it, computed the slow obvious way:
+    the reference the stats tests hold both backends to."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = p * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

@@ -5,7 +5,6 @@ total order by offset and by cursor, stats against percentiles computed here, de
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
+from support import percentile_cont
 from traffic import Traffic, record_traffic
 
 from qwen_persist.migrate import upgrade
@@ -314,17 +314,6 @@ def test_times_parse_as_milliseconds_or_iso_8601() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- stats
-
-
-def percentile_cont(values: list[float], p: float) -> float | None:
-    """PostgreSQL's percentile_cont, computed the slow obvious way."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = p * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 @pytest.mark.parametrize("group_by", [(), ("model",), ("day",), ("model", "hour")])

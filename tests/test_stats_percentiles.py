@@ -4,12 +4,12 @@ pass over the rows. Both are checked against figures worked out here from every 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
+from support import percentile_cont
 from traffic import record_traffic
 
 from qwen_persist.migrate import upgrade
@@ -25,24 +25,13 @@ def history(module_database_url: str, tmp_path_factory: pytest.TempPathFactory) 
         yield store
 
 
-def _continuous(values: list[float], p: float) -> float | None:
-    """The p-th percentile as PostgreSQL's percentile_cont defines it."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = p * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def _reference(exchanges: list[ExchangeRecord], measure: str) -> dict[str, float | None]:
     values = [
         float(getattr(e.response, measure))
         for e in exchanges
         if e.response is not None and getattr(e.response, measure) is not None
     ]
-    return {f"p{round(p * 100)}": _continuous(values, p) for p in (0.5, 0.95, 0.99)}
+    return {f"p{round(p * 100)}": percentile_cont(values, p) for p in (0.5, 0.95, 0.99)}
 
 
 def _group(e: ExchangeRecord, by: str) -> Any:
