@@ -62,7 +62,8 @@ class Session(Base):
     __tablename__ = "sessions"
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
-    chat_id: Mapped[str | None] = mapped_column(Text, index=True)
+    # Not indexed: no query looks a session up by its upstream chat id (0007 dropped the original's index).
+    chat_id: Mapped[str | None] = mapped_column(Text)
     parent_id: Mapped[str | None] = mapped_column(Text)
     first_user_message: Mapped[str] = mapped_column(Text)
     message_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

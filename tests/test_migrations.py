@@ -25,6 +25,7 @@ REVISIONS = [
     "0004_response_headers",
     "0005_capture_identity",
     "0006_read_indexes",
+    "0007_drop_unused_indexes",
 ]
 
 
@@ -90,6 +91,41 @@ def test_each_step_downgrades(database_url: str) -> None:
         migrate.downgrade(database_url, revision)
         assert migrate.current(database_url) == revision
     assert tables(database_url) & {*TABLE_NAMES, "request_logs"} == {"request_logs"}
+
+
+def indexes(url: str, table: str) -> dict[str, list[str]]:
+    """The table's indexes that are not constraints, by name: their columns."""
+    engine = make_engine(url)
+    try:
+        return {
+            str(ix["name"]): [str(c) for c in ix["column_names"]] for ix in inspect(engine).get_indexes(table)
+        }
+    finally:
+        engine.dispose()
+
+
+def test_unused_index_is_dropped_and_its_downgrade_restores_it(database_url: str) -> None:
+    migrate.upgrade(database_url, "0006_read_indexes")
+    before = {table: indexes(database_url, table) for table in TABLE_NAMES}
+    assert before["sessions"]["ix_sessions_chat_id"] == ["chat_id"]
+    # Rows in the table, so the downgrade builds the index over data, as it would in production.
+    execute(
+        database_url,
+        "INSERT INTO sessions (id, chat_id, first_user_message, message_count, created_at, updated_at,"
+        " last_accessed, expires_at) VALUES ('s-1', 'chat-1', 'hi', 1, 1, 1, 1, 2)",
+    )
+
+    migrate.upgrade(database_url)
+    after = {table: indexes(database_url, table) for table in TABLE_NAMES}
+    assert "ix_sessions_chat_id" not in after["sessions"]
+    # Nothing else moved.
+    assert {**after["sessions"], "ix_sessions_chat_id": ["chat_id"]} == before["sessions"]
+    assert after["requests"] == before["requests"] and after["responses"] == before["responses"]
+    check(database_url)
+
+    migrate.downgrade(database_url, "0006_read_indexes")
+    assert {table: indexes(database_url, table) for table in TABLE_NAMES} == before
+    assert query(database_url, "SELECT id FROM sessions WHERE chat_id = 'chat-1'") == [("s-1",)]
 
 
 def test_host_database_tables_are_left_alone(database_url: str) -> None:

@@ -490,6 +490,67 @@ def test_every_list_filter_reads_through_an_index(sqlite_url: str, name: str) ->
     history.close()
 
 
+# Every query the read side serves beyond the lists' filters: the other orders, lookups, stats, stored
+# completions, retention. The writer's own lookups go through the UNIQUE constraints' indexes.
+OTHER_CALLS: dict[str, Callable[[History], Any]] = {
+    "sessions by creation": lambda h: h.sessions.list(SessionFilter(since=5, until=10)),
+    "expired sessions": lambda h: h.sessions.list(SessionFilter(active=False)),
+    **{
+        f"{name} ordered by {column}": lambda h, name=name, column=column: getattr(h, name).list(
+            page=Pagination(order_by=column)
+        )
+        for name, columns in (
+            ("requests", ("created_at", "id")),
+            ("responses", ("created_at", "id")),
+            ("sessions", ("created_at", "expires_at")),
+        )
+        for column in columns
+    },
+    "session detail": lambda h: h.sessions.detail("s"),
+    "session metrics": lambda h: h.sessions.metrics(),
+    "request by X-Request-Id": lambda h: h.requests.exchange_by_request_id("r"),
+    "response by response id": lambda h: h.responses.get_by_response_id("r"),
+    "stored completions": lambda h: h.completions.list(),
+    "stored completion by id": lambda h: h.completions.get("chatcmpl-1"),
+    "stats of a day": lambda h: h.stats.summary(RequestFilter(since=5, until=10)),
+    "retention by age": lambda h: h.pruning.delete_older_than(10),
+    "expired sessions' cleanup": lambda h: h.pruning.delete_expired(),
+    "a session's deletion": lambda h: h.sessions.delete("s"),
+}
+
+
+def test_every_index_serves_a_query(sqlite_url: str) -> None:
+    """Each index costs the writer on every insert, so each must be one that some query the read side
+    serves is planned through (SQLite's plans): an index no plan names is dead weight on the write path.
+    The UNIQUE constraints' own indexes are left out: they hold the constraint whether or not a read uses
+    them (the writer's lookups by capture id and request id do)."""
+    from sqlalchemy import event
+
+    upgrade(sqlite_url)
+    history = History(sqlite_url)
+    with history.engine.connect() as conn:
+        names = set(
+            conn.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+                " AND tbl_name IN ('sessions', 'requests', 'responses')"
+            ).scalars()
+        )
+    assert len(names) >= 10  # the check looked at the real schema
+    statements: list[tuple[str, Any]] = []
+    event.listen(history.engine, "before_cursor_execute", lambda *args: statements.append((args[2], args[3])))
+    for call in (*LIST_CALLS.values(), *OTHER_CALLS.values()):
+        call(history)
+    used: set[str] = set()
+    with history.engine.connect() as conn:
+        for statement, parameters in statements:
+            if not statement.lstrip().upper().startswith(("SELECT", "DELETE", "UPDATE")):
+                continue
+            for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters):
+                used |= {name for name in names if f"INDEX {name} " in row[-1] + " "}
+    history.close()
+    assert names - used == set()
+
+
 def test_boolean_spellings_the_error_lists_are_the_accepted_ones() -> None:
     """The README and the error text list every spelling parse_bool takes."""
     for spelling, value in (("yes", True), ("ON", True), ("no", False), ("Off", False)):
