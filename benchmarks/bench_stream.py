@@ -1,13 +1,19 @@
 """Throughput of stream reconstruction: SSE decoding alone, and decoding plus accumulation.
 
-Run ``python benchmarks/bench_stream.py``. Two workloads, each delivered the way a server sends it (one
-network chunk per event, as an ASGI app writes them):
+Run ``python benchmarks/bench_stream.py``. Workloads:
 
 * ``chat``: a realistic ~20-event answer (role, content tokens, finish, usage chunk, ``[DONE]``);
+* ``chat-500``: the same shape with 496 content tokens, 500 events;
 * ``long``: a long answer with reasoning, content and a tool call whose arguments arrive in fragments.
 
+Each is delivered two ways: one network chunk per event, as an ASGI app writes them (what a stream over
+``max_body_bytes`` is rebuilt from, while it passes), and as one whole body (what the writer rebuilds a
+kept stream from). Decode + accumulate is measured on the general path (``fast_path=False``: every event
+through the SSE decoder and the general merge) and on the default fast path, side by side, next to the
+floor: one ``orjson.loads`` of each JSON event's data, nothing else (``[DONE]`` is not parsed).
+
 Each figure is the median over several repeats, with the min-max range; a repeat runs the workload enough
-times to last about 0.2 s so timer resolution does not matter.
+times to last about 0.2 s so timer resolution does not matter. Figures per event divide by all events.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+import orjson
 
 from qwen_persist.completion import reconstruct_stream
 from qwen_persist.sse import SSEDecoder
@@ -48,8 +56,10 @@ def _choice(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str
     }
 
 
-def chat_stream() -> list[bytes]:
-    tokens = ANSWER.split()
+def chat_stream(count: int = 16) -> list[bytes]:
+    """``count`` content tokens, with the role, finish, usage and [DONE] events ``count + 4`` events."""
+    words = ANSWER.split()
+    tokens = [words[i % len(words)] for i in range(count)]
     events = [_event(_choice({"role": "assistant", "content": ""}))]
     events += [_event(_choice({"content": token + " "})) for token in tokens]
     events.append(_event(_choice({}, "stop")))
@@ -88,6 +98,21 @@ def decode_and_accumulate(chunks: list[bytes]) -> None:
     reconstruct_stream(chunks).completion  # noqa: B018 - building the completion is part of the work
 
 
+def general_path(chunks: list[bytes]) -> None:
+    reconstruct_stream(chunks, fast_path=False).completion  # noqa: B018
+
+
+def floor_work(chunks: list[bytes]) -> Callable[[list[bytes]], None]:
+    """One orjson.loads per JSON event of ``chunks``: the data bytes are cut out beforehand."""
+    datas = [chunk[len(b"data: ") : -2] for chunk in chunks if chunk != b"data: [DONE]\n\n"]
+
+    def work(_: list[bytes]) -> None:
+        for data in datas:
+            orjson.loads(data)
+
+    return work
+
+
 def measure(work: Callable[[list[bytes]], None], chunks: list[bytes]) -> list[float]:
     """Seconds per run of the workload, one figure per repeat."""
     runs = 1
@@ -109,29 +134,39 @@ def measure(work: Callable[[list[bytes]], None], chunks: list[bytes]) -> list[fl
     return timings
 
 
-def report(name: str, work: Callable[[list[bytes]], None], chunks: list[bytes]) -> None:
+def report(name: str, work: Callable[[list[bytes]], None], chunks: list[bytes], events: int) -> float:
+    """Print one row; return the median µs per event."""
     timings = measure(work, chunks)
     size = sum(map(len, chunks))
-    events = len(chunks)
     median, fastest, slowest = statistics.median(timings), min(timings), max(timings)
 
     def spread(per_run: Callable[[float], float], unit: str, digits: int = 1) -> str:
         values = sorted((per_run(fastest), per_run(slowest)))
-        return f"{per_run(median):,.{digits}f} {unit} ({values[0]:,.{digits}f}-{values[1]:,.{digits}f})"
+        return f"{per_run(median):,.{digits}f} {unit} [{values[0]:,.{digits}f}..{values[1]:,.{digits}f}]"
 
     print(
-        f"  {name:<22} {spread(lambda t: events / t, 'events/s', 0):<40} "
-        f"{spread(lambda t: size / t / 1e6, 'MB/s'):<26} {spread(lambda t: t / events * 1e6, 'µs/event', 2)}"
+        f"  {name:<34} {spread(lambda t: t / events * 1e6, 'µs/event', 2):<30} "
+        f"{spread(lambda t: events / t, 'events/s', 0):<40} {spread(lambda t: size / t / 1e6, 'MB/s')}"
     )
+    return median / events * 1e6
 
 
 def main() -> None:
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
-    print(f"{REPEATS} repeats of ~{REPEAT_SECONDS}s; median (min-max)")
-    for label, chunks in (("chat", chat_stream()), ("long", long_stream())):
-        print(f"{label}: {len(chunks)} events, {sum(map(len, chunks)) / 1024:,.1f} KiB")
-        report("decode", decode_only, chunks)
-        report("decode + accumulate", decode_and_accumulate, chunks)
+    print(f"{REPEATS} repeats of ~{REPEAT_SECONDS}s; median [min..max]")
+    for label, events in (("chat", chat_stream()), ("chat-500", chat_stream(496)), ("long", long_stream())):
+        whole = [b"".join(events)]
+        count = len(events)
+        print(f"{label}: {count} events, {sum(map(len, events)) / 1024:,.1f} KiB")
+        floor = report("floor: orjson.loads per event", floor_work(events), events, count)
+        report("decode only, chunk per event", decode_only, events, count)
+        for delivery, chunks in (("chunk per event", events), ("whole body", whole)):
+            general = report(f"general path, {delivery}", general_path, chunks, count)
+            fast = report(f"fast path, {delivery}", decode_and_accumulate, chunks, count)
+            print(
+                f"  {'':<34} general ÷ fast {general / fast:.2f}, "
+                f"general ÷ floor {general / floor:.2f}, fast ÷ floor {fast / floor:.2f}"
+            )
     sys.stdout.flush()
 
 

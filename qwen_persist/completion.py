@@ -78,14 +78,25 @@ from typing import Any
 from qwen_persist.sse import ServerSentEvent, SSEDecoder
 
 from . import jsonlib
+from .jsonlib import loads_bytes_unchecked, needs_stdlib
 
 __all__ = ["ChatCompletionAccumulator", "StreamResult", "reconstruct_stream"]
 
 _THINK_PHASES = frozenset({"think", "thinking", "thinking_summary"})
 # Identity of the completion: every chunk repeats it, the first value is the one the SDK keeps.
-_FIRST_WINS = ("id", "created", "model")
+_FIRST_WINS = frozenset({"id", "created", "model"})
 # Per-chunk noise (anti side-channel padding) that the SDK also drops.
 _DROPPED_TOP = frozenset({"obfuscation"})
+# Top-level keys a plain chunk (see `_add_plain_chunk`) must not carry with a non-null value: the general
+# merge gives them a meaning of their own.
+_SPECIAL_TOP = frozenset({"usage", "error", "response.created", "response_id"})
+# Delta keys that take the general merge: Qwen native frames, tool calls, and the two keys whose string
+# value replaces instead of adding up.
+_SPECIAL_DELTA = frozenset({"phase", "status", "tool_calls", "function_call", "index", "type"})
+# Skipped by the plain top-level merge: handled apart (`choices`), known null (`_SPECIAL_TOP`) or dropped.
+_NOT_TOP = frozenset({"choices", *_SPECIAL_TOP, *_DROPPED_TOP})
+# Choice keys `_Choice.add` gives a meaning; any other lands in the choice's extra fields.
+_CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
 _USAGE_RENAMES = {
     "input_tokens": "prompt_tokens",
     "output_tokens": "completion_tokens",
@@ -566,6 +577,114 @@ class ChatCompletionAccumulator:
         except Exception as exc:
             self._note_problem("chunk", exc)
 
+    def _add_data(self, data: bytes, checked: bool) -> None:
+        """`add_event` for a ``message`` event whose data came as the bytes ``data``, not yet decoded.
+
+        ``data`` is what followed ``data:`` on the event's one line, the space the SSE value drops still
+        on: JSON text may begin with spaces, so it is parsed as is.
+
+        ``checked``: `jsonlib.needs_stdlib` is known to be false for ``data``. Valid UTF-8 decodes and
+        encodes back to the same bytes, so parsing them as they are is what `add_event` does; anything
+        orjson refuses (not JSON, not UTF-8, too deep) takes `add_event` itself, which decides as always.
+        """
+        if data == b" [DONE]":  # "[DONE]" said otherwise is not JSON: add_event has it below
+            self._events += 1
+            self._done = True
+            return
+        try:
+            if not checked and needs_stdlib(data):
+                raise ValueError("a long number")
+            payload = loads_bytes_unchecked(data)
+        except ValueError:
+            # The event the decoder would have made; its `id` is not read here.
+            value = data[1:] if data[:1] == b" " else data
+            self.add_event(ServerSentEvent(data=value.decode("utf-8", "replace")))
+            return
+        self._events += 1
+        if type(payload) is not dict:
+            # "[DONE]" with spaces around it is not JSON, so it went to add_event above.
+            self._malformed += 1
+            return
+        try:
+            if not self._add_plain_chunk(payload):
+                self._add_chunk(payload)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            self._note_problem(f"event {self._events}", exc)
+
+    def _add_plain_chunk(self, chunk: dict[str, Any]) -> bool:
+        """`_add_chunk` for the common chunk, cheaper; False, having changed nothing, for any other.
+
+        Plain: one choice with an integer index whose delta holds only strings and nulls (``role``,
+        ``content``, ``reasoning_content``, …; no tool calls, no Qwen phase); no usage, error or Qwen
+        native keys. Nothing in merging that can raise, so checking first and merging after is the general
+        merge exactly; top-level keys and the choice touch different state, so their order does not
+        matter.
+        """
+        choices = chunk.get("choices")
+        if type(choices) is not list or len(choices) != 1:
+            return False
+        raw = choices[0]
+        if type(raw) is not dict:
+            return False
+        index = raw.get("index", 0)
+        if type(index) is not int:
+            return False
+        delta = raw.get("delta")
+        if delta:  # a delta that is empty or null merges nothing, whatever its type
+            if type(delta) is not dict:
+                return False
+            for key, value in delta.items():
+                if key in _SPECIAL_DELTA or (value is not None and type(value) is not str):
+                    return False
+        if not _SPECIAL_TOP.isdisjoint(chunk) and any(chunk.get(key) is not None for key in _SPECIAL_TOP):
+            return False
+
+        self._seen_chunk = True
+        self._usage_end = False
+        top = self._top
+        for key, value in chunk.items():
+            if key in _FIRST_WINS:
+                if top.get(key) is None:
+                    top[key] = value
+            elif key not in _NOT_TOP and (value is not None or key not in top):
+                top[key] = value
+
+        choice = self._choices.get(index)
+        if choice is None:
+            choice = self._choices[index] = _Choice(index)
+        if delta:
+            # `_Choice._add_openai_delta` for strings and nulls.
+            message = choice.message
+            for key, value in delta.items():
+                if key == "role":
+                    if value is not None or key not in message:
+                        message[key] = value
+                elif value is None:
+                    message.setdefault(key, None)  # what `_merge` does with a null
+                else:
+                    current = message.get(key)
+                    if type(current) is _Text:
+                        current.parts.append(value)
+                    elif current is None:
+                        message[key] = _Text(value)
+                    else:
+                        _merge(message, {key: value})
+        # The rest of `_Choice.add`.
+        reason = raw.get("finish_reason")
+        if reason:  # the SDK ignores empty strings too
+            choice.finish_reason = reason
+        logprobs = raw.get("logprobs")
+        if logprobs is not None:
+            choice._add_logprobs(logprobs)
+        if not raw.keys() <= _CHOICE_KEYS:
+            extra = choice.extra
+            for key, value in raw.items():
+                if key not in _CHOICE_KEYS and (value is not None or key not in extra):
+                    extra[key] = value
+        return True
+
     def _note_problem(self, what: str, exc: BaseException) -> None:
         """Count something that could not be processed; the first one is named in ``result().problem``."""
         self._unprocessable += 1
@@ -679,16 +798,80 @@ class ChatCompletionAccumulator:
 
 
 class StreamReconstructor:
-    """Incremental decode + accumulate: feed network chunks as they pass, then `finish` once."""
+    """Incremental decode + accumulate: feed network chunks as they pass, then `finish` once.
 
-    __slots__ = ("_accumulator", "_decoder")
+    Fast path (``fast_path=True``, the default; ``False`` only serves to compare the two): whole events of
+    the plain shape, one ``data:`` line ended by a blank line with LF line ends, skip the SSE decoder and
+    reach the accumulator as undecoded bytes (`ChatCompletionAccumulator._add_data`); chunks of the plain
+    shape skip the general merge (`ChatCompletionAccumulator._add_plain_chunk`). Everything else — other
+    fields, comments, multi-line data, CR anywhere in a network chunk — is fed to the decoder, which is at
+    an event boundary whenever the fast path hands over (`SSEDecoder.at_event_boundary`), so the result is
+    the same as without the fast path, event for event. An event split across network chunks is kept
+    here until its end arrives and then taken as a whole: the decoder gives the same events however the
+    bytes are split.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_accumulator", "_decoder", "_fast", "_pending", "_use_fast")
+
+    def __init__(self, *, fast_path: bool = True) -> None:
         self._decoder = SSEDecoder()
         self._accumulator = ChatCompletionAccumulator()
+        self._use_fast = fast_path
+        self._fast = fast_path  # the decoder is at an event boundary and nothing is pending in it
+        # Fast path: the start of an event whose blank line has not come yet, in the pieces it came in,
+        # joined once when it does (each byte is copied a bounded number of times).
+        self._pending: list[bytes] = []
 
     def feed(self, chunk: bytes) -> None:
         """Decode and merge one network chunk; never raises (``MemoryError`` aside), like `finish`."""
+        if not self._fast:
+            self._feed_decoder(chunk)
+            return
+        pending = self._pending
+        if b"\r" in chunk:
+            # CR line ends (or a stray CR) are the decoder's business; it takes over until a boundary.
+            self._fast = False
+            if pending:
+                self._feed_decoder(b"".join(pending))
+                pending.clear()
+            self._feed_decoder(chunk)
+            return
+        if pending:
+            # Only an event's end, a blank line, makes anything happen; until then keep the pieces.
+            if b"\n\n" not in chunk and not (chunk[:1] == b"\n" and pending[-1][-1:] == b"\n"):
+                if chunk:
+                    pending.append(chunk)
+                return
+            pending.append(chunk)
+            chunk = b"".join(pending)
+            pending.clear()
+        add = self._accumulator._add_data
+        # One look for long digit runs covers every event of the chunk (see `jsonlib.needs_stdlib`).
+        checked = not needs_stdlib(chunk)
+        lines = chunk.split(b"\n")
+        last = len(lines) - 1  # lines[last] follows the last LF: an unfinished line, or nothing
+        i = 0
+        while True:
+            start = i
+            while i + 1 < last and not lines[i + 1] and lines[i].startswith(b"data:"):
+                # A plain event: one data line, then a blank one. The space after the colon, which
+                # the SSE value drops, is left on: JSON ignores it, `_add_data` drops it where it matters.
+                add(lines[i][5:], checked)
+                i += 2
+            self._decoder.passed((i - start) // 2)
+            # Any other block, up to and including its blank line, goes to the decoder.
+            end = i
+            while end < last and lines[end]:
+                end += 1
+            if end >= last:
+                break  # no blank line yet: the block is the tail
+            self._feed_decoder(b"\n".join(lines[i : end + 1]) + b"\n")
+            i = end + 1
+        if i < last or lines[last]:
+            pending.append(b"\n".join(lines[i:]))
+
+    def _feed_decoder(self, chunk: bytes) -> None:
+        """The general path: the SSE decoder, then `ChatCompletionAccumulator.add_event`."""
         try:
             events = self._decoder.feed(chunk)
         except MemoryError:
@@ -699,9 +882,15 @@ class StreamReconstructor:
             return
         for event in events:
             self._accumulator.add_event(event)
+        if self._use_fast:
+            self._fast = self._decoder.at_event_boundary()
 
     def finish(self) -> StreamResult:
         """The rebuilt completion; a stream cut mid-event is never complete."""
+        if self._pending:
+            # An event cut short: the decoder knows what an unterminated tail amounts to.
+            self._feed_decoder(b"".join(self._pending))
+            self._pending.clear()
         try:
             events = self._decoder.close()
         except MemoryError:
@@ -717,9 +906,13 @@ class StreamReconstructor:
         return result
 
 
-def reconstruct_stream(chunks: Iterable[bytes]) -> StreamResult:
-    """Decode an SSE byte stream and rebuild its completion; a stream cut mid-event is never complete."""
-    reconstructor = StreamReconstructor()
+def reconstruct_stream(chunks: Iterable[bytes], *, fast_path: bool = True) -> StreamResult:
+    """Decode an SSE byte stream and rebuild its completion; a stream cut mid-event is never complete.
+
+    ``fast_path=False`` takes the general path for every event (see `StreamReconstructor`): the same
+    result, slower; it exists so the two can be compared.
+    """
+    reconstructor = StreamReconstructor(fast_path=fast_path)
     for chunk in chunks:
         reconstructor.feed(chunk)
     return reconstructor.finish()

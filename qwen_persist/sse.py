@@ -93,6 +93,24 @@ class SSEDecoder:
                 out.append(event)
         return out
 
+    def at_event_boundary(self) -> bool:
+        """Whether nothing of a line or an event block is pending: the bytes fed next start a new block.
+
+        A caller may then parse whole events of the plain shape (one ``data:`` line, no CR) itself and
+        report them with `passed`, handing the decoder only the rest; the decoder ends up as if fed it all.
+        """
+        return not (self._partial or self._data or self._after_cr or self._event or self._retry is not None)
+
+    def passed(self, events: int) -> None:
+        """Account for ``events`` whole plain events a caller parsed itself at an event boundary.
+
+        Such an event changes nothing here but the count and, being a line, the start of the stream: a BOM
+        in a later line is not stripped.
+        """
+        if events:
+            self.events += events
+            self._first_line = False
+
     def close(self) -> list[ServerSentEvent]:
         """End of stream: flush a final line and event that had no terminator, flagging ``unterminated``."""
         out: list[ServerSentEvent] = []

@@ -231,7 +231,15 @@ def test_a_decoder_failure_loses_only_its_network_chunk(monkeypatch: pytest.Monk
         return feed(self, chunk)
 
     monkeypatch.setattr(SSEDecoder, "feed", flaky)
-    result = reconstruct_stream([event(content_chunk("a")), b"boom", event(content_chunk("b")), DONE])
+    chunks = [event(content_chunk("a")), b"boom", event(content_chunk("b")), DONE]
+    result = reconstruct_stream(chunks, fast_path=False)
+    assert result.problem == "unprocessable network chunk: RuntimeError"
+    assert choice0(result)["message"]["content"] == "ab"
+    assert result.complete
+    # The fast path hands the decoder whole event blocks (an unfinished one waits for the rest of its
+    # bytes): a failure loses the block, here a comment.
+    chunks[1] = b": boom\n\n"
+    result = reconstruct_stream(chunks)
     assert result.problem == "unprocessable network chunk: RuntimeError"
     assert choice0(result)["message"]["content"] == "ab"
     assert result.complete
