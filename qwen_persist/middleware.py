@@ -35,7 +35,6 @@ from .sessions import (
     api_key_fingerprint,
     is_valid_client_id,
     new_request_id,
-    now_ms,
 )
 from .writer import Writer, WriterStats
 
@@ -44,6 +43,7 @@ log = logging.getLogger("qwen_persist")
 REQUEST_ID_HEADER = b"x-request-id"
 STATE_KEY = "qwen_persist"  # the instance in app.state and in the lifespan state
 _SEEN_IDS = 65_536  # client request ids remembered to refuse reuse without a database round trip
+_FINGERPRINTS = 256  # API key fingerprints remembered (see _fingerprint)
 
 
 class PersistenceMiddleware:
@@ -124,6 +124,7 @@ class PersistenceMiddleware:
         self._header_kinds = _header_kinds(self._session_header)
         self._response_headers = frozenset(h.encode("latin-1") for h in self.settings.response_headers)
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
+        self._fingerprints: dict[str, str] = {}
         self._published = False
         self._capture_ids = CaptureIds()
         self._reaper = _Reaper()
@@ -139,7 +140,13 @@ class PersistenceMiddleware:
         if not self._published:
             self._publish(scope)
         if scope["type"] == "http" and scope["method"] == "POST" and self._paths(route_path(scope)):
-            await _ExchangeResponder(self, scope)(receive, send)
+            responder = _ExchangeResponder(self, scope, receive, send)
+            try:
+                await self.app(scope, responder.receive_with_capture, responder.send_with_capture)
+            except BaseException as exc:
+                responder.failed(exc)
+                raise
+            responder.ended()
         elif self._api is not None and scope["type"] == "http" and handles(self._api, scope):
             await self._api(scope, receive, send)
         elif scope["type"] == "lifespan":
@@ -173,6 +180,16 @@ class PersistenceMiddleware:
         if self.retention is not None:
             await asyncio.to_thread(self.retention.stop)
         return await self.writer.aclose(self.settings.shutdown_timeout if timeout is None else timeout)
+
+    def _fingerprint(self, key: str) -> str:
+        # A client sends the same key with every request: a SHA-256 per request was a tenth of the
+        # request path's cost. Bounded; the keys it holds are ones the process sees on every request.
+        fingerprint = self._fingerprints.get(key)
+        if fingerprint is None:
+            if len(self._fingerprints) >= _FINGERPRINTS:
+                self._fingerprints.clear()
+            fingerprint = self._fingerprints[key] = api_key_fingerprint(key)
+        return fingerprint
 
     def _request_id(self, offered: str | None) -> str:
         if offered is not None and is_valid_client_id(offered) and offered not in self._seen_ids:
@@ -257,10 +274,11 @@ def _header_kinds(session_header: bytes) -> dict[bytes, int]:
 
 
 def _watch(receiving: Awaitable[Message]) -> asyncio.Future[Message]:
-    """A task awaiting the server's receive(); create_task is the cheaper road for the usual coroutine."""
-    if asyncio.iscoroutine(receiving):
-        return asyncio.get_running_loop().create_task(receiving)
-    return asyncio.ensure_future(receiving)
+    """A task awaiting the server's receive(): create_task takes the usual coroutine straight."""
+    try:
+        return asyncio.get_running_loop().create_task(receiving)  # type: ignore[arg-type]
+    except TypeError:  # another kind of awaitable
+        return asyncio.ensure_future(receiving)
 
 
 class _Reaper:
@@ -314,7 +332,6 @@ class _ExchangeResponder:
     """
 
     __slots__ = (
-        "app",
         "client_gone",
         "exchange",
         "finished",
@@ -332,7 +349,6 @@ class _ExchangeResponder:
         "response_headers",
         "response_size",
         "response_truncated",
-        "scope",
         "send",
         "sent_request_id",
         "started_ns",
@@ -342,19 +358,19 @@ class _ExchangeResponder:
         "writer",
     )
 
-    def __init__(self, middleware: PersistenceMiddleware, scope: Scope) -> None:
+    def __init__(self, middleware: PersistenceMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
         self.started_ns = time.perf_counter_ns()
+        self.receive = receive
+        self.send = send
         self.middleware = middleware
-        self.app = middleware.app
         self.writer = middleware.writer
         self.limit = middleware.settings.max_body_bytes
-        self.scope = scope
         offered = session_value = key = codings = None
         kinds = middleware._header_kinds
         for name, value in scope["headers"]:
-            kind = kinds.get(name)
-            if kind is None:
+            if name not in kinds:  # most headers: an `in` test is cheaper than a .get() call
                 continue
+            kind = kinds[name]
             if kind == _REQUEST_ID:
                 offered = value.decode("latin-1")
             elif kind == _SESSION:
@@ -371,8 +387,8 @@ class _ExchangeResponder:
         path = scope["path"]
         # Positional: keyword arguments cost a dataclass twice as much, on every exchange.
         self.record = record = CapturedRequest(
-            middleware._request_id(offered),  # request_id
-            now_ms(),  # arrived_ms
+            new_request_id() if offered is None else middleware._request_id(offered),  # request_id
+            time.time_ns() // 1_000_000,  # arrived_ms (sessions.now_ms, without the call)
             scope["method"],  # method
             # As the client addressed it: mount prefix and query string (Azure's api-version) included.
             path + "?" + query.decode("latin-1") if query else path,  # path
@@ -380,7 +396,7 @@ class _ExchangeResponder:
             0,  # body_size
             False,  # body_truncated
             session_value,  # session_header
-            api_key_fingerprint(key) if key else None,  # key_fingerprint
+            middleware._fingerprint(key) if key else None,  # key_fingerprint
             None,  # session_id
             False,  # body_complete
             codings,  # codings
@@ -406,23 +422,28 @@ class _ExchangeResponder:
         # gone()), so no loop turn is spent on it and nothing in it refers to the responder.
         self.watcher: asyncio.Future[Message] | None = None
 
-    async def __call__(self, receive: Receive, send: Send) -> None:
-        self.receive = receive
-        self.send = send
-        try:
-            await self.app(self.scope, self.receive_with_capture, self.send_with_capture)
-        except BaseException as exc:
-            if not self.finished:
-                error = CLIENT_DISCONNECTED if self.gone() else f"{type(exc).__name__}: {exc}"
-                # The server answers an unhandled exception with 500 when no response had started.
-                self.finish(error=error, status=self.status if self.status is not None else 500)
-            raise
-        finally:
-            watcher = self.watcher
-            if watcher is not None and not watcher.done():
-                self.middleware._reaper.add(watcher)
+    # PersistenceMiddleware.__call__ drives the exchange itself (one coroutine less per exchange):
+    #     await app(scope, responder.receive_with_capture, responder.send_with_capture)
+    # then calls failed(exc) if that raised, else ended().
+
+    def failed(self, exc: BaseException) -> None:
+        """The app raised ``exc`` (it is re-raised)."""
+        if not self.finished:
+            error = CLIENT_DISCONNECTED if self.gone() else f"{type(exc).__name__}: {exc}"
+            # The server answers an unhandled exception with 500 when no response had started.
+            self.finish(error=error, status=self.status if self.status is not None else 500)
+        self._release_watcher()
+
+    def ended(self) -> None:
+        """The app returned."""
+        self._release_watcher()
         if not self.finished:
             self.finish(error=CLIENT_DISCONNECTED if self.gone() else "response_incomplete")
+
+    def _release_watcher(self) -> None:
+        watcher = self.watcher
+        if watcher is not None and not watcher.done():
+            self.middleware._reaper.add(watcher)
 
     def gone(self) -> bool:
         """Whether the client has left: a send failed, or receive() answered ``http.disconnect``."""
@@ -445,7 +466,12 @@ class _ExchangeResponder:
         if message["type"] == "http.request":
             chunk = message.get("body", b"")
             if chunk:
-                self._keep_request_bytes(chunk)
+                record = self.record
+                if record.body_size + len(chunk) <= self.limit:
+                    record.body_size += len(chunk)
+                    self.request_chunks.append(chunk)
+                else:
+                    self._keep_request_bytes(chunk)
             if not message.get("more_body", False):
                 self.record.body_complete = True
                 self.submit_request()
@@ -501,7 +527,8 @@ class _ExchangeResponder:
             return
         # The common case, once per SSE event, is kept to a few reads and writes of this object.
         chunk = message.get("body", b"")
-        keep = chunk and not self.gone()
+        watcher = self.watcher
+        keep = chunk and not (self.client_gone or (watcher is not None and watcher.done() and self.gone()))
         try:
             await self.send(message)
         except OSError:
@@ -517,7 +544,9 @@ class _ExchangeResponder:
             else:
                 self._keep_past_limit(chunk)
         if not message.get("more_body", False):
-            self.finish(error=CLIENT_DISCONNECTED if self.gone() else None)
+            watcher = self.watcher
+            gone = self.client_gone or (watcher is not None and watcher.done() and self.gone())
+            self.finish(error=CLIENT_DISCONNECTED if gone else None)
 
     def _start(self, message: Message) -> Message:
         """Note the response's status and headers; the message to send, with our X-Request-Id added."""
@@ -540,7 +569,8 @@ class _ExchangeResponder:
                 if self.response_headers is None:
                     self.response_headers = {}
                 self.response_headers[lowered.decode("latin-1")] = value.decode("latin-1")
-        self.submit_request()  # an app that answers without reading the whole body
+        if not self.request_submitted:  # an app that answers without reading the whole body
+            self.submit_request()
         if has_id:
             return message
         headers.append((REQUEST_ID_HEADER, self.record.request_id.encode("latin-1")))
@@ -581,7 +611,8 @@ class _ExchangeResponder:
             return
         self.finished = True
         self.exchange.ended = True
-        self.submit_request()
+        if not self.request_submitted:
+            self.submit_request()
         end_ns = time.perf_counter_ns()
         chunks = self.response_chunks
         self.response_chunks = []
