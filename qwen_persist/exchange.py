@@ -33,7 +33,9 @@ class Exchange:
     def __init__(self, middleware: PersistenceMiddleware, record: CapturedRequest) -> None:
         self._middleware = middleware
         self._record = record
-        self.reports = Reports()
+        # Made on the first report: most exchanges report nothing, and each object made per exchange
+        # is one more for the request path to allocate and the collector to count.
+        self.reports: Reports | None = None
         self.ended = False
 
     @property
@@ -82,6 +84,8 @@ class Exchange:
             log.warning("qwen_persist: report() after the response of %s ended; not stored", self.request_id)
             return
         reports = self.reports
+        if reports is None:
+            reports = self.reports = Reports()
         if provider_request is not _UNSET:
             reports.provider_request = provider_request
         if provider_response is not _UNSET:

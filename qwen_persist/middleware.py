@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -35,7 +35,6 @@ from .sessions import (
     api_key_fingerprint,
     is_valid_client_id,
     new_request_id,
-    now_ms,
 )
 from .writer import Writer, WriterStats
 
@@ -44,6 +43,7 @@ log = logging.getLogger("qwen_persist")
 REQUEST_ID_HEADER = b"x-request-id"
 STATE_KEY = "qwen_persist"  # the instance in app.state and in the lifespan state
 _SEEN_IDS = 65_536  # client request ids remembered to refuse reuse without a database round trip
+_FINGERPRINTS = 256  # API key fingerprints remembered (see _fingerprint)
 
 
 class PersistenceMiddleware:
@@ -121,10 +121,13 @@ class PersistenceMiddleware:
         self.retention = Retention(self.engine, retention_ms) if retention_ms is not None else None
         self._paths = PathMatcher(self.settings.paths)
         self._session_header = self.settings.session_header.encode("latin-1")
+        self._header_kinds = _header_kinds(self._session_header)
         self._response_headers = frozenset(h.encode("latin-1") for h in self.settings.response_headers)
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
+        self._fingerprints: dict[str, str] = {}
         self._published = False
         self._capture_ids = CaptureIds()
+        self._reaper = _Reaper()
         self.history: History | None = None
         self._api: Starlette | None = None
         if self.settings.api_enabled:
@@ -137,7 +140,13 @@ class PersistenceMiddleware:
         if not self._published:
             self._publish(scope)
         if scope["type"] == "http" and scope["method"] == "POST" and self._paths(route_path(scope)):
-            await _ExchangeResponder(self, scope)(receive, send)
+            responder = _ExchangeResponder(self, scope, receive, send)
+            try:
+                await self.app(scope, responder.receive_with_capture, responder.send_with_capture)
+            except BaseException as exc:
+                responder.failed(exc)
+                raise
+            responder.ended()
         elif self._api is not None and scope["type"] == "http" and handles(self._api, scope):
             await self._api(scope, receive, send)
         elif scope["type"] == "lifespan":
@@ -171,6 +180,16 @@ class PersistenceMiddleware:
         if self.retention is not None:
             await asyncio.to_thread(self.retention.stop)
         return await self.writer.aclose(self.settings.shutdown_timeout if timeout is None else timeout)
+
+    def _fingerprint(self, key: str) -> str:
+        # A client sends the same key with every request: a SHA-256 per request was a tenth of the
+        # request path's cost. Bounded; the keys it holds are ones the process sees on every request.
+        fingerprint = self._fingerprints.get(key)
+        if fingerprint is None:
+            if len(self._fingerprints) >= _FINGERPRINTS:
+                self._fingerprints.clear()
+            fingerprint = self._fingerprints[key] = api_key_fingerprint(key)
+        return fingerprint
 
     def _request_id(self, offered: str | None) -> str:
         if offered is not None and is_valid_client_id(offered) and offered not in self._seen_ids:
@@ -240,48 +259,150 @@ def _search(app: Any) -> PersistenceMiddleware | None:
     return None
 
 
-class _ExchangeResponder:
-    """The state of one exchange: the request bytes, the response bytes, timings, disconnects."""
+# What the request path looks for in a request's headers; one dict lookup per header (see _header_kinds).
+_REQUEST_ID, _SESSION, _AUTHORIZATION, _API_KEY, _CODINGS = range(5)
 
-    def __init__(self, middleware: PersistenceMiddleware, scope: Scope) -> None:
+
+def _header_kinds(session_header: bytes) -> dict[bytes, int]:
+    # Inserted from the lowest precedence up, so a name that is two things (a session header named
+    # x-request-id, say) keeps the meaning the first-match-wins order gave it.
+    kinds = {b"content-encoding": _CODINGS, b"api-key": _API_KEY, b"x-api-key": _API_KEY}
+    kinds[b"authorization"] = _AUTHORIZATION
+    kinds[session_header] = _SESSION
+    kinds[REQUEST_ID_HEADER] = _REQUEST_ID
+    return kinds
+
+
+def _watch(receiving: Awaitable[Message]) -> asyncio.Future[Message]:
+    """A task awaiting the server's receive(): create_task takes the usual coroutine straight."""
+    try:
+        return asyncio.get_running_loop().create_task(receiving)  # type: ignore[arg-type]
+    except TypeError:  # another kind of awaitable
+        return asyncio.ensure_future(receiving)
+
+
+class _Reaper:
+    """Cancels the disconnect watchers the server leaves waiting after their exchange ended.
+
+    A server like uvicorn answers a waiting receive() once the response is complete, in the loop's next
+    turn: cancelling each watcher as its exchange ends would only cost an exception (and a traceback
+    holding its frames), and a timer per exchange would cost more than the watcher. So the watchers of
+    every exchange ending in a turn are looked at together, two turns later, and only those still
+    waiting are cancelled. One sweep per loop turn at most, none while no exchange ends.
+    """
+
+    __slots__ = ("_loop", "_older", "_recent")
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._recent: list[asyncio.Future[Message]] = []  # ended since the last sweep
+        self._older: list[asyncio.Future[Message]] = []  # still waiting at the last sweep
+
+    def add(self, watcher: asyncio.Future[Message]) -> None:
+        loop = watcher.get_loop()
+        if loop is not self._loop:
+            # The first exchange, or another event loop (a test client's): a sweep scheduled on the
+            # old one went with it, as did its tasks.
+            self._loop, self._recent, self._older = loop, [], []
+        if not self._recent and not self._older:
+            loop.call_soon(self._sweep)
+        self._recent.append(watcher)
+
+    def _sweep(self) -> None:
+        if self._loop is not asyncio.get_running_loop():
+            return  # scheduled on a loop this middleware has since left
+        for watcher in self._older:
+            if not watcher.done():
+                watcher.cancel()
+        # A watcher whose exchange ended after this sweep was scheduled may have its answer queued
+        # behind it in this very turn: it gets one more turn before it counts as left waiting.
+        self._older = [watcher for watcher in self._recent if not watcher.done()]
+        self._recent = []
+        if self._older:
+            self._loop.call_soon(self._sweep)
+
+
+class _ExchangeResponder:
+    """The state of one exchange: the request bytes, the response bytes, timings, disconnects.
+
+    Lean by design (issue #12): every exchange passes through here on the event loop. Nothing here
+    refers back to the responder from an object that outlives the exchange (no task running one of its
+    methods, no callback on one), so it and its records are freed by reference counting when the
+    exchange ends, and the collector never walks them.
+    """
+
+    __slots__ = (
+        "client_gone",
+        "exchange",
+        "finished",
+        "first_byte_ns",
+        "handed_over",
+        "handoff",
+        "limit",
+        "middleware",
+        "receive",
+        "record",
+        "request_chunks",
+        "request_submitted",
+        "response_chunks",
+        "response_codings",
+        "response_headers",
+        "response_size",
+        "response_truncated",
+        "send",
+        "sent_request_id",
+        "started_ns",
+        "status",
+        "streamed",
+        "watcher",
+        "writer",
+    )
+
+    def __init__(self, middleware: PersistenceMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
         self.started_ns = time.perf_counter_ns()
+        self.receive = receive
+        self.send = send
         self.middleware = middleware
-        self.app = middleware.app
         self.writer = middleware.writer
         self.limit = middleware.settings.max_body_bytes
-        self.scope = scope
         offered = session_value = key = codings = None
-        session_header = middleware._session_header
+        kinds = middleware._header_kinds
         for name, value in scope["headers"]:
-            if name == REQUEST_ID_HEADER:
+            if name not in kinds:  # most headers: an `in` test is cheaper than a .get() call
+                continue
+            kind = kinds[name]
+            if kind == _REQUEST_ID:
                 offered = value.decode("latin-1")
-            elif name == session_header:
+            elif kind == _SESSION:
                 session_value = value.decode("latin-1")
-            elif name == b"authorization":
+            elif kind == _AUTHORIZATION:
                 scheme, _, credential = value.decode("latin-1").partition(" ")
                 key = credential.strip() if scheme.lower() == "bearer" else key
-            elif name in (b"api-key", b"x-api-key") and key is None:
-                key = value.decode("latin-1")
-            elif name == b"content-encoding":
+            elif kind == _API_KEY:
+                if key is None:
+                    key = value.decode("latin-1")
+            else:
                 codings = parse_content_encoding(value.decode("latin-1")) or None
         query = scope.get("query_string", b"")
-        self.record = CapturedRequest(
-            request_id=middleware._request_id(offered),
-            arrived_ms=now_ms(),
-            method=scope["method"],
+        path = scope["path"]
+        # Positional: keyword arguments cost a dataclass twice as much, on every exchange.
+        self.record = record = CapturedRequest(
+            new_request_id() if offered is None else middleware._request_id(offered),  # request_id
+            time.time_ns() // 1_000_000,  # arrived_ms (sessions.now_ms, without the call)
+            scope["method"],  # method
             # As the client addressed it: mount prefix and query string (Azure's api-version) included.
-            path=scope["path"] + "?" + query.decode("latin-1") if query else scope["path"],
-            body=b"",
-            body_size=0,
-            body_truncated=False,
-            session_header=session_value,
-            key_fingerprint=api_key_fingerprint(key) if key else None,
-            body_complete=False,
-            codings=codings,
-            capture_id=middleware._capture_ids(),
+            path + "?" + query.decode("latin-1") if query else path,  # path
+            b"",  # body
+            0,  # body_size
+            False,  # body_truncated
+            session_value,  # session_header
+            middleware._fingerprint(key) if key else None,  # key_fingerprint
+            None,  # session_id
+            False,  # body_complete
+            codings,  # codings
+            middleware._capture_ids(),  # capture_id
         )
-        self.exchange = Exchange(middleware, self.record)
-        scope[SCOPE_KEY] = self.exchange
+        self.exchange = scope[SCOPE_KEY] = Exchange(middleware, record)
         self.request_chunks: list[bytes] = []
         self.request_submitted = False
         self.status: int | None = None
@@ -297,24 +418,44 @@ class _ExchangeResponder:
         self.first_byte_ns: int | None = None
         self.finished = False
         self.client_gone = False
+        # The server's receive() awaited from the body's end on; it is read, never called back (see
+        # gone()), so no loop turn is spent on it and nothing in it refers to the responder.
         self.watcher: asyncio.Future[Message] | None = None
 
-    async def __call__(self, receive: Receive, send: Send) -> None:
-        self.receive = receive
-        self.send = send
-        try:
-            await self.app(self.scope, self.receive_with_capture, self.send_with_capture)
-        except BaseException as exc:
-            if not self.finished:
-                error = CLIENT_DISCONNECTED if self.client_gone else f"{type(exc).__name__}: {exc}"
-                # The server answers an unhandled exception with 500 when no response had started.
-                self.finish(error=error, status=self.status if self.status is not None else 500)
-            raise
-        finally:
-            if self.watcher is not None and not self.watcher.done():
-                self.watcher.cancel()
+    # PersistenceMiddleware.__call__ drives the exchange itself (one coroutine less per exchange):
+    #     await app(scope, responder.receive_with_capture, responder.send_with_capture)
+    # then calls failed(exc) if that raised, else ended().
+
+    def failed(self, exc: BaseException) -> None:
+        """The app raised ``exc`` (it is re-raised)."""
         if not self.finished:
-            self.finish(error=CLIENT_DISCONNECTED if self.client_gone else "response_incomplete")
+            error = CLIENT_DISCONNECTED if self.gone() else f"{type(exc).__name__}: {exc}"
+            # The server answers an unhandled exception with 500 when no response had started.
+            self.finish(error=error, status=self.status if self.status is not None else 500)
+        self._release_watcher()
+
+    def ended(self) -> None:
+        """The app returned."""
+        self._release_watcher()
+        if not self.finished:
+            self.finish(error=CLIENT_DISCONNECTED if self.gone() else "response_incomplete")
+
+    def _release_watcher(self) -> None:
+        watcher = self.watcher
+        if watcher is not None and not watcher.done():
+            self.middleware._reaper.add(watcher)
+
+    def gone(self) -> bool:
+        """Whether the client has left: a send failed, or receive() answered ``http.disconnect``."""
+        if self.client_gone:
+            return True
+        watcher = self.watcher
+        if watcher is None or not watcher.done() or watcher.cancelled() or watcher.exception() is not None:
+            return False
+        # Only read before the exchange finishes: a disconnect after that is the server's way of saying
+        # the response is complete, not the client leaving.
+        self.client_gone = watcher.result()["type"] == "http.disconnect"
+        return self.client_gone
 
     # -- request side ------------------------------------------------------------------------------
 
@@ -325,13 +466,18 @@ class _ExchangeResponder:
         if message["type"] == "http.request":
             chunk = message.get("body", b"")
             if chunk:
-                self._keep_request_bytes(chunk)
+                record = self.record
+                if record.body_size + len(chunk) <= self.limit:
+                    record.body_size += len(chunk)
+                    self.request_chunks.append(chunk)
+                else:
+                    self._keep_request_bytes(chunk)
             if not message.get("more_body", False):
                 self.record.body_complete = True
                 self.submit_request()
                 # From here on only a disconnect can come, and servers drop what is sent after one
                 # without telling the app; listen for it, whatever kind of response follows.
-                self.watcher = asyncio.ensure_future(self._watch_disconnect())
+                self.watcher = _watch(self.receive())
         elif message["type"] == "http.disconnect":
             self.client_gone = True
             self.submit_request()
@@ -367,69 +513,73 @@ class _ExchangeResponder:
             self.client_gone = True
         return message
 
-    async def _watch_disconnect(self) -> Message:
-        message = await self.receive()
-        if message["type"] == "http.disconnect" and not self.finished:
-            self.client_gone = True
-        return message
-
     # -- response side -----------------------------------------------------------------------------
 
     async def send_with_capture(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            self.status = message["status"]
-            headers = list(message.get("headers", ()))
-            has_id = False
-            kept = self.middleware._response_headers
-            for name, value in headers:
-                lowered = name.lower()
-                if lowered == b"content-type":
-                    self.streamed = value.lower().startswith(b"text/event-stream")
-                elif lowered == b"content-encoding":
-                    self.response_codings = parse_content_encoding(value.decode("latin-1")) or None
-                if lowered == REQUEST_ID_HEADER:
-                    # The app set its own id (a passthrough proxy forwards the upstream's): that is the
-                    # id the client sees, so the stored request takes it.
-                    has_id = True
-                    self.sent_request_id = value.decode("latin-1")
-                if lowered in kept:
-                    if self.response_headers is None:
-                        self.response_headers = {}
-                    self.response_headers[lowered.decode("latin-1")] = value.decode("latin-1")
-            if not has_id:
-                headers.append((REQUEST_ID_HEADER, self.record.request_id.encode("latin-1")))
-                message = {**message, "headers": headers}
-            self.submit_request()  # an app that answers without reading the whole body
-            await self._send(message)
+        if message["type"] != "http.response.body":
+            if message["type"] == "http.response.start":
+                message = self._start(message)
+            try:
+                await self.send(message)
+            except OSError:
+                self.client_gone = True
+                raise
             return
-        if kind != "http.response.body":
-            await self._send(message)
-            return
+        # The common case, once per SSE event, is kept to a few reads and writes of this object.
         chunk = message.get("body", b"")
-        more = message.get("more_body", False)
-        gone_before = self.client_gone
-        await self._send(message)
-        if chunk and not gone_before:
-            if self.first_byte_ns is None:
-                self.first_byte_ns = time.perf_counter_ns()
-            self._keep_response_bytes(chunk)
-        if not more:
-            self.finish(error=CLIENT_DISCONNECTED if self.client_gone else None)
-
-    async def _send(self, message: Message) -> None:
+        watcher = self.watcher
+        keep = chunk and not (self.client_gone or (watcher is not None and watcher.done() and self.gone()))
         try:
             await self.send(message)
         except OSError:
             self.client_gone = True
             raise
+        if keep:
+            size = self.response_size + len(chunk)
+            if not self.response_size:
+                self.first_byte_ns = time.perf_counter_ns()
+            self.response_size = size
+            if size <= self.limit and self.handoff is None:
+                self.response_chunks.append(chunk)
+            else:
+                self._keep_past_limit(chunk)
+        if not message.get("more_body", False):
+            watcher = self.watcher
+            gone = self.client_gone or (watcher is not None and watcher.done() and self.gone())
+            self.finish(error=CLIENT_DISCONNECTED if gone else None)
 
-    def _keep_response_bytes(self, chunk: bytes) -> None:
-        self.response_size += len(chunk)
+    def _start(self, message: Message) -> Message:
+        """Note the response's status and headers; the message to send, with our X-Request-Id added."""
+        self.status = message["status"]
+        headers = list(message.get("headers", ()))
+        has_id = False
+        kept = self.middleware._response_headers
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == b"content-type":
+                self.streamed = value.lower().startswith(b"text/event-stream")
+            elif lowered == b"content-encoding":
+                self.response_codings = parse_content_encoding(value.decode("latin-1")) or None
+            elif lowered == REQUEST_ID_HEADER:
+                # The app set its own id (a passthrough proxy forwards the upstream's): that is the id
+                # the client sees, so the stored request takes it.
+                has_id = True
+                self.sent_request_id = value.decode("latin-1")
+            if lowered in kept:
+                if self.response_headers is None:
+                    self.response_headers = {}
+                self.response_headers[lowered.decode("latin-1")] = value.decode("latin-1")
+        if not self.request_submitted:  # an app that answers without reading the whole body
+            self.submit_request()
+        if has_id:
+            return message
+        headers.append((REQUEST_ID_HEADER, self.record.request_id.encode("latin-1")))
+        return {**message, "headers": headers}
+
+    def _keep_past_limit(self, chunk: bytes) -> None:
+        """A chunk that does not fit under max_body_bytes, or one of a stream already handed over."""
         if self.handoff is not None:
             self._hand_over(chunk)
-        elif self.response_size <= self.limit:
-            self.response_chunks.append(chunk)
         elif self.streamed:
             # Past max_body_bytes a stream is rebuilt as it passes, so memory stays bounded by the
             # completion's size rather than by the stream's.
@@ -461,28 +611,34 @@ class _ExchangeResponder:
             return
         self.finished = True
         self.exchange.ended = True
-        self.submit_request()
+        if not self.request_submitted:
+            self.submit_request()
         end_ns = time.perf_counter_ns()
         chunks = self.response_chunks
         self.response_chunks = []
-        record = CapturedResponse(
-            request_id=self.record.request_id,
-            capture_id=self.record.capture_id,
-            status_code=status if status is not None else self.status,
-            streamed=self.streamed,
-            body=chunks[0] if len(chunks) == 1 else b"".join(chunks),
-            body_size=self.response_size,
-            body_truncated=self.response_truncated,
-            ended_ms=self.record.arrived_ms + (end_ns - self.started_ns) // 1_000_000,
-            duration_ms=(end_ns - self.started_ns) // 1_000_000,
-            first_byte_ms=None
-            if self.first_byte_ns is None
-            else (self.first_byte_ns - self.started_ns) // 1_000_000,
-            error=error,
-            stream=self.handoff,
-            reports=self.exchange.reports,
-            codings=self.response_codings,
-            headers=self.response_headers,
-            sent_request_id=self.sent_request_id if self.sent_request_id != self.record.request_id else None,
+        record = self.record
+        started_ns = self.started_ns
+        duration_ms = (end_ns - started_ns) // 1_000_000
+        first_byte_ns = self.first_byte_ns
+        sent_request_id = self.sent_request_id
+        self.writer.submit(
+            CapturedResponse(  # positional, as CapturedRequest above
+                record.request_id,  # request_id
+                status if status is not None else self.status,  # status_code
+                self.streamed,  # streamed
+                chunks[0] if len(chunks) == 1 else b"".join(chunks),  # body
+                self.response_size,  # body_size
+                self.response_truncated,  # body_truncated
+                record.arrived_ms + duration_ms,  # ended_ms
+                duration_ms,  # duration_ms
+                None if first_byte_ns is None else (first_byte_ns - started_ns) // 1_000_000,  # first_byte_ms
+                error,  # error
+                self.handoff,  # stream
+                self.exchange.reports,  # reports
+                None,  # request (the writer's)
+                self.response_codings,  # codings
+                self.response_headers,  # headers
+                sent_request_id if sent_request_id != record.request_id else None,  # sent_request_id
+                record.capture_id,  # capture_id
+            )
         )
-        self.writer.submit(record)
