@@ -246,6 +246,7 @@ class ProcessWriter:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._stopping = False
+        self._abandoned = False  # shutdown ran out of time: the feeder journals instead of sending
         self._feeder: threading.Thread | None = None
         self._child: _Child | None = None
         self._unacked: deque[tuple[int, bytes, int, float]] = deque()  # seq, frame, records, sent at
@@ -316,6 +317,7 @@ class ProcessWriter:
             if self._feeder is not None and self._feeder.is_alive():
                 return
             self._stopping = False
+            self._abandoned = False
             self._feeder = threading.Thread(target=self._feed, name="qwen-persist-feeder", daemon=True)
             self._feeder.start()
             if not self._atexit:
@@ -336,6 +338,7 @@ class ProcessWriter:
             if feeder.is_alive():
                 # The child cannot take the frames (a hung database, no CPU): journal them from here.
                 self._journal_unacknowledged("the writer process did not finish in time")
+                feeder.join(0.5)  # what it had taken from the queue, it now journals too
             self._feeder = None
         if self._fallback or self.local.running:
             self.local.close(max(0.0, deadline - time.monotonic()))
@@ -379,6 +382,9 @@ class ProcessWriter:
     # -- the feeder thread -----------------------------------------------------------------------------
 
     def _feed(self) -> None:
+        # The child starts with the feeder, not with the first record: it also loads what an earlier
+        # process left in the journal, whether traffic comes or not.
+        self._check_child(start=True)
         while True:
             try:
                 stopping = self._stopping
@@ -413,12 +419,21 @@ class ProcessWriter:
             seq = self._seq
             frame = encode_frame("records", seq, records)
             with self._lock:
-                self._unacked.append((seq, frame, len(records), time.monotonic()))
-                self._unacked_records += len(records)
+                abandoned = self._abandoned
+                if not abandoned:
+                    self._unacked.append((seq, frame, len(records), time.monotonic()))
+                    self._unacked_records += len(records)
+                    for waiter in waiters:
+                        waiter.seq = seq
+                        self._waiters.append(waiter)
+            if abandoned:
+                self._journal_frame(frame, "the writer process did not finish in time")
                 for waiter in waiters:
-                    waiter.seq = seq
-                    self._waiters.append(waiter)
+                    _resolve(waiter)
+                return
             self._send(frame)
+        if self._abandoned:
+            return
         self._check_child()
         self._steer_priority()
         self._shed_overload()
@@ -433,6 +448,8 @@ class ProcessWriter:
 
     def _spawn(self) -> _Child | None:
         """Start a child and send it every frame not acknowledged yet, in order."""
+        if self._abandoned:
+            return None
         old = self._child
         if old is not None:
             self._retire(old)
@@ -480,9 +497,11 @@ class ProcessWriter:
                 log.error("qwen_persist: the writer process keeps dying at start; using the writer thread")
                 self._fall_back()
 
-    def _check_child(self) -> None:
+    def _check_child(self, *, start: bool = False) -> None:
         child = self._child
-        if child is not None and child.process.poll() is not None and not self._fallback:
+        if self._fallback:
+            return
+        if (child is None and start) or (child is not None and child.process.poll() is not None):
             self._spawn()
 
     def _read_acks(self, child: _Child) -> None:
@@ -554,6 +573,7 @@ class ProcessWriter:
 
     def _journal_unacknowledged(self, reason: str) -> None:
         with self._lock:
+            self._abandoned = True
             frames = list(self._unacked)
             self._unacked.clear()
             self._unacked_records = 0
@@ -652,7 +672,14 @@ def child_main(argv: Iterable[str]) -> int:
     parent = int(args[0]) if args else os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us in order
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+
+    def terminate(*_: Any) -> None:
+        # A SIGTERM sent to the whole process group (a supervisor stopping the server) is the server's:
+        # it stops in order and then ends our input. Only the parent-death signal stops us here.
+        if os.getppid() != parent:
+            stopping.set()
+
+    signal.signal(signal.SIGTERM, terminate)
     _parent_death_signal()
     # The acknowledgements get stdout to themselves: anything else printing goes to stderr.
     out = os.dup(1)
