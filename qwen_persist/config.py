@@ -55,6 +55,8 @@ DEFAULT_BATCH_SIZE = 500
 DEFAULT_FLUSH_INTERVAL = 0.05
 DEFAULT_SPILL_DIR = "qwen_persist_spill"
 DEFAULT_API_PREFIX = "/v1"
+WRITER_MODES = ("process", "thread")
+DEFAULT_WRITER = "thread"
 
 
 class ConfigurationError(ValueError):
@@ -83,6 +85,7 @@ class Settings:
     api_anonymous: bool = False
     api_prefix: str = DEFAULT_API_PREFIX
     retention_ms: int | None = None  # history older than this is deleted in the background; None: kept
+    writer: str = DEFAULT_WRITER  # "process" (a child process) or "thread" (in the server process)
 
     @property
     def api_enabled(self) -> bool:
@@ -188,6 +191,7 @@ def build_settings(
     api_anonymous: bool | None = None,
     api_prefix: str | None = None,
     retention: str | timedelta | None = None,
+    writer: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Resolve every option (argument, else environment, else default) and fail on nonsense."""
@@ -306,7 +310,16 @@ def build_settings(
         api_anonymous=anonymous,
         api_prefix=prefix,
         retention_ms=retention_option(retention, _env("RETENTION", env)),
+        writer=_writer_mode(writer, _env("WRITER", env)),
     )
+
+
+def _writer_mode(value: str | None, env: str | None) -> str:
+    source = "writer" if value is not None else f"{ENV_PREFIX}WRITER"
+    mode = value if value is not None else (env or DEFAULT_WRITER)
+    if not isinstance(mode, str) or mode.strip().lower() not in WRITER_MODES:
+        raise ConfigurationError(f"{source} must be one of {', '.join(WRITER_MODES)}, got {mode!r}")
+    return mode.strip().lower()
 
 
 RETENTION_OFF = ("off", "none", "never")

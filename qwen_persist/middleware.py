@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Iterable
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import NoSuchModuleError
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,6 +38,7 @@ from .sessions import (
     new_request_id,
 )
 from .writer import Writer, WriterStats
+from .writer_process import ProcessWriter
 
 log = logging.getLogger("qwen_persist")
 
@@ -78,6 +80,7 @@ class PersistenceMiddleware:
         api_anonymous: bool | None = None,
         api_prefix: str | None = None,
         retention: str | timedelta | None = None,
+        writer: str | None = None,
     ) -> None:
         self.app = app
         try:
@@ -101,6 +104,7 @@ class PersistenceMiddleware:
                 api_anonymous=api_anonymous,
                 api_prefix=api_prefix,
                 retention=retention,
+                writer=writer,
             )
             try:
                 self.engine = make_engine(self.settings.database_url, lock_timeout=WRITER_LOCK_TIMEOUT)
@@ -115,7 +119,7 @@ class PersistenceMiddleware:
             # place the mistake shows before every request fails.
             log.error("qwen_persist: PersistenceMiddleware cannot start: %s", exc)
             raise
-        self.writer = Writer(self.settings, self.engine)
+        self.writer: Writer | ProcessWriter = _make_writer(self.settings, self.engine)
         self.sessions = SessionManager(self.engine, ttl=self.settings.session_ttl)
         retention_ms = self.settings.retention_ms
         self.retention = Retention(self.engine, retention_ms) if retention_ms is not None else None
@@ -198,6 +202,15 @@ class PersistenceMiddleware:
                 self._seen_ids.popitem(last=False)
             return offered
         return new_request_id()
+
+
+def _make_writer(settings: Settings, engine: Engine) -> Writer | ProcessWriter:
+    if settings.writer == "process":
+        if settings.redact is None:
+            return ProcessWriter(settings, engine)
+        # The hook is the app's code: the writer process would have to import the app to run it.
+        log.info("qwen_persist: a redact hook is set, so the writer runs as a thread in this process")
+    return Writer(settings, engine)
 
 
 class _LifespanSend:

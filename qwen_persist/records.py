@@ -104,6 +104,18 @@ class StreamHandoff:
             return self._reconstructor.finish()
 
 
+@dataclass(frozen=True, slots=True)
+class RebuiltStream:
+    """A large stream already rebuilt where it passed (by the process that captured it): what travels to
+    a writer process instead of the stream's bytes. The face of `StreamHandoff` that `response_op` uses."""
+
+    result: StreamResult
+    problem: str | None
+
+    def finish(self) -> StreamResult:
+        return self.result
+
+
 @dataclass(slots=True)
 class CapturedRequest:
     request_id: str
@@ -145,7 +157,7 @@ class CapturedResponse:
     duration_ms: int
     first_byte_ms: int | None
     error: str | None = None  # exception text, CLIENT_DISCONNECTED, ...
-    stream: StreamHandoff | None = None  # a stream over max_body_bytes, rebuilt as it passed
+    stream: StreamHandoff | RebuiltStream | None = None  # a stream over max_body_bytes, rebuilt as it passed
     reports: Reports | None = None
     request: RequestFacts | None = None  # filled in by the writer
     codings: list[str] | None = None  # the body's Content-Encoding
@@ -339,7 +351,7 @@ def _starts_json(data: bytes, codings: list[str] | None) -> bool:
 
 
 def _stream_body(
-    record: CapturedResponse, handoff: StreamHandoff | None, errors: list[str]
+    record: CapturedResponse, handoff: StreamHandoff | RebuiltStream | None, errors: list[str]
 ) -> tuple[Any, Mapping[str, Any] | None, str | None, str | None, bool]:
     """The rebuilt completion of a streamed response (or the raw stream when it cannot be rebuilt),
     with its usage, finish_reason, upstream id and whether the stream ended properly; problems are added

@@ -243,6 +243,8 @@ class Writer:
                 self._evacuate()
                 thread.join(0.2)  # it may be done with what it held; if it hangs, it is a daemon
         self._thread = None
+        if thread is None:
+            self._release_segments()  # driven from outside (the writer process): nothing else will
         with self._journal_lock:
             if self._journal is not None:
                 self._journal.close()
@@ -317,17 +319,35 @@ class Writer:
             items = self._gather()
             stopping = any(item is _STOP for item in items)
             try:
-                self._handle(items)
-                self._park_orphans()
-                if not self._abandon.is_set():
-                    self._recover(everything=stopping)
-            except Exception:  # never let the thread die: a dead writer would lose everything after
-                log.exception("qwen_persist writer: unexpected error")
+                self.process(items, stopping=stopping)
             finally:
                 for item in items:
                     if isinstance(item, _Barrier):
                         _complete(item)
         self._release_segments()
+
+    def process(self, items: list[Any], *, stopping: bool = False) -> None:
+        """One turn of the writer: store (or journal) ``items``, then load a slice of the journal (all of
+        it when ``stopping``). The thread's loop, and the writer process's (`writer_process.py`)."""
+        try:
+            self._handle(items)
+            self._park_orphans()
+            if not self._abandon.is_set():
+                self._recover(everything=stopping)
+        except Exception:  # never let the writer die: a dead writer would lose everything after
+            log.exception("qwen_persist writer: unexpected error")
+
+    def journal_records(self, records: list[Record], *, reason: str) -> None:
+        """Put ``records`` straight into the journal (the writer process's feeder, when it is behind)."""
+        self._journal_ops(self._to_ops(records), reason=reason)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def idle_wait(self) -> float:
+        """Seconds the writer may wait for records before it should look at the journal again."""
+        return self._idle_wait()
 
     def _gather(self) -> list[Any]:
         """The next batch: wait for a record, then let a batch gather for one flush interval (one

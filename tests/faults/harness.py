@@ -586,6 +586,8 @@ class ProxyProcess(UvicornProcess):
             "QWEN_PERSIST_SPILL_DIR": str(spill_dir),
             "QWEN_PERSIST_SHUTDOWN_TIMEOUT": str(shutdown_timeout),
             "QWEN_PERSIST_FLUSH_INTERVAL": str(flush_interval),
+            # The suite runs against either writer: FAULT_WRITER=process (CI runs both).
+            "QWEN_PERSIST_WRITER": os.environ.get("FAULT_WRITER", "thread"),
         }
         env.update({ENV_PREFIX + name.upper(): value for name, value in (options or {}).items()})
         super().__init__(
