@@ -87,9 +87,10 @@ def _send(
     traffic.seen.append(Seen(request_id, model, stream, session, completion_id, 200, metadata, content))
 
 
-def record_traffic(database_url: str, tmp_path: Path, *, rounds: int = 1) -> Traffic:
+def record_traffic(database_url: str, tmp_path: Path, *, rounds: int = 1, **options: Any) -> Traffic:
     """Per round: 8 successful exchanges over four models (JSON and streamed, some in named sessions, some
-    with client metadata) and two errors (429 and 500). Returns when every row is stored."""
+    with client metadata) and two errors (429 and 500). Returns when every row is stored. ``options`` go
+    to the middleware."""
     traffic = Traffic()
     with serve(fake_upstream.create_app()) as upstream:
         # A generous shutdown: on a loaded machine the last batches must reach the database, not the
@@ -100,6 +101,7 @@ def record_traffic(database_url: str, tmp_path: Path, *, rounds: int = 1) -> Tra
             database_url=database_url,
             spill_dir=str(tmp_path / "spill"),
             shutdown_timeout=60,
+            **options,
         )
         with serve(app) as proxy:
             client = openai.OpenAI(base_url=f"{proxy}/v1", api_key="sk-test", max_retries=0)
