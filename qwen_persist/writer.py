@@ -251,14 +251,7 @@ class Writer:
         if not self._released and (thread is None or not thread.is_alive()):
             self._release_database()
         stats = self.stats()
-        log.info(
-            "qwen_persist writer stopped: accepted=%d written=%d journaled=%d failed=%d duplicates=%d",
-            stats.accepted,
-            stats.written,
-            stats.spilled,
-            stats.failed,
-            stats.duplicates,
-        )
+        log_stopped(stats)
         return stats
 
     def _evacuate(self) -> None:
@@ -653,6 +646,18 @@ class Writer:
                 return
             self._logged[kind] = now
         log.log(level, message, *args)
+
+
+def log_stopped(stats: WriterStats) -> None:
+    """The counters at shutdown, in one line (operators and the fault suite read it)."""
+    log.info(
+        "qwen_persist writer stopped: accepted=%d written=%d journaled=%d failed=%d duplicates=%d",
+        stats.accepted,
+        stats.written,
+        stats.spilled,
+        stats.failed,
+        stats.duplicates,
+    )
 
 
 def _complete(barrier: _Barrier) -> None:

@@ -56,14 +56,14 @@ from sqlalchemy import Engine
 from . import jsonlib
 from .config import Settings
 from .records import CapturedRequest, CapturedResponse, RebuiltStream, Reports, StreamHandoff
-from .writer import Record, Writer, WriterStats
+from .writer import Record, Writer, WriterStats, log_stopped
 
 log = logging.getLogger("qwen_persist")
 
 HIGH_WATER = 2_000  # records not acknowledged: the child is moved to normal priority
 LOW_WATER = 200  # ... and back to idle priority once the backlog stays under this
 CALM_SECONDS = 1.0
-STARVED_SECONDS = 0.5  # a frame not acknowledged for this long: the child gets normal priority
+STARVED_SECONDS = 0.25  # a frame not acknowledged for this long: the child gets normal priority
 MAX_QUICK_DEATHS = 3  # children dying within QUICK_DEATH seconds of their start, in a row: fall back
 QUICK_DEATH = 10.0
 PIPE_BYTES = 1 << 20  # the pipe's capacity, where the platform lets us set it (Linux: F_SETPIPE_SZ)
@@ -343,7 +343,9 @@ class ProcessWriter:
         if self._fallback or self.local.running:
             self.local.close(max(0.0, deadline - time.monotonic()))
         self.engine.dispose()  # the server process's connections (the child closes its own)
-        return self.stats()
+        stats = self.stats()
+        log_stopped(stats)
+        return stats
 
     async def aclose(self, timeout: float | None = None) -> WriterStats:
         return await asyncio.to_thread(self.close, timeout)
