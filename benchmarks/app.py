@@ -184,12 +184,17 @@ def build(variant: str, count_file: str, database_url: str | None) -> ASGIApp:
         raise SystemExit(f"variant {variant} needs a database URL")
     if variant == "naive":
         return NaiveRecorder(app, database_url)
-    if variant == "wrapped":
+    if variant in WRITERS:
         from qwen_persist import PersistenceMiddleware
 
         spill = tempfile.mkdtemp(prefix="qp-bench-spill-")
-        return PersistenceMiddleware(app, database_url=database_url, spill_dir=spill)
+        return PersistenceMiddleware(app, database_url=database_url, spill_dir=spill, writer=WRITERS[variant])
     raise SystemExit(f"unknown variant {variant!r}")
+
+
+# The wrapped variants by writer: a thread; a process pinned with the server; a process free to use the
+# other core (common.server widens its pinning once it runs).
+WRITERS = {"wrapped": "thread", "process": "process", "process-free": "process"}
 
 
 def main() -> None:

@@ -105,9 +105,15 @@ class ServerRun:
         return self.process.pid
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the whole server process (event loop and writer thread)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        """User + system CPU of the whole server process (event loop and writer thread) and of its
+        writer process, if it has one."""
+        return sum(_cpu_seconds(pid) for pid in (self.pid, *writer_processes(self.pid)))
+
+    def free_writer(self) -> None:
+        """Let the writer process run on every core (it inherits the server's pinning)."""
+        for pid in writer_processes(self.pid):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(task), range(os.cpu_count() or 1))
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -124,6 +130,29 @@ class ServerRun:
     @property
     def all_persisted(self) -> bool:
         return self.answered == self.requests_rows == self.responses_rows
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def writer_processes(parent: int) -> list[int]:
+    """The writer processes (``writer="process"``) whose parent is ``parent``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"writer_child" in command:
+                found.append(int(entry))
+    return found
 
 
 def listening_socket() -> socket.socket:
@@ -153,6 +182,8 @@ def server(variant: str, database_url: str | None, workdir: Path) -> Iterator[Se
     run = ServerRun(variant, database_url, port, process, count_file)
     try:
         _wait_ready(port, process)
+        if variant.endswith("-free"):
+            run.free_writer()
         yield run
     finally:
         process.send_signal(signal.SIGTERM)  # uvicorn shuts down gracefully, then re-raises it
