@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import JSON, Connection, Table, and_, bindparam, case, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 
 from .. import jsonlib
@@ -216,6 +217,11 @@ class _Statements:
     insert_responses: _Statement
     upsert_sessions: _Statement
     update_sessions: _Statement
+    # psycopg: COPY ... FROM STDIN for the two inserts (no ON CONFLICT needed: every row was checked as
+    # new in this transaction, and a replica's row in the way fails the whole COPY as an IntegrityError,
+    # as it fails an INSERT). None elsewhere.
+    copy_requests: str | None = None
+    copy_responses: str | None = None
 
 
 # Per dialect object (an engine's), so compiled text always matches that engine's paramstyle.
@@ -237,7 +243,55 @@ def _compile_all(dialect: Dialect) -> _Statements:
     _check_columns(requests_table, REQUEST_COLUMNS, requests)
     _check_columns(responses_table, RESPONSE_COLUMNS, responses)
     _check_columns(sessions_table, SESSION_COLUMNS, upsert)
-    return _Statements(requests, responses, upsert, _compile(dialect, _update_statement()))
+    update = _compile(dialect, _update_statement())
+    if dialect.name != "postgresql" or dialect.driver != "psycopg":
+        return _Statements(requests, responses, upsert, update)
+    quote = dialect.identifier_preparer.quote
+    copy = "COPY {} ({}) FROM STDIN"
+    return _Statements(
+        requests,
+        responses,
+        upsert,
+        update,
+        copy.format("requests", ", ".join(map(quote, REQUEST_COLUMNS))),
+        copy.format("responses", ", ".join(map(quote, RESPONSE_COLUMNS))),
+    )
+
+
+def _insert(conn: Connection, statement: _Statement, copy: str | None, rows: Sequence[Row]) -> None:
+    if copy is None:
+        _executemany(conn, statement, rows)
+    else:
+        _copy(conn, copy, rows)
+
+
+def _copy(conn: Connection, sql: str, rows: Sequence[Row]) -> None:
+    """COPY ``rows`` in with psycopg, on the connection's own transaction: a third of executemany's
+    client CPU (benchmarks/README.md). Driver errors are raised as SQLAlchemy's, as `exec_driver_sql`
+    would raise them, so the writer's IntegrityError retry and transient classification still hold."""
+    dialect = conn.dialect
+    dbapi_connection = conn.connection.dbapi_connection
+    assert dbapi_connection is not None
+    cursor = dbapi_connection.cursor()
+    try:
+        with cursor.copy(sql) as copy:
+            for start in range(0, len(rows), SLICE):
+                yield_gil()
+                for row in rows[start : start + SLICE]:
+                    copy.write_row(row)
+    except dialect.loaded_dbapi.Error as exc:
+        disconnect = dialect.is_disconnect(exc, dbapi_connection, cursor)
+        raise DBAPIError.instance(
+            sql,
+            None,
+            exc,
+            dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            dialect=dialect,
+            connection_invalidated=disconnect,
+        ) from exc
+    finally:
+        cursor.close()
 
 
 def _select_in(conn: Connection, columns: str, table: str, key: str, values: Sequence[Any]) -> Sequence[Row]:
@@ -451,7 +505,9 @@ def _write_requests(
             folded.add(key)
     upsert_sessions(conn, _merge_sessions(sessions))
     if new_rows:
-        _executemany(conn, _statements(conn).insert_requests, [_request_row(row) for row in new_rows])
+        statements = _statements(conn)
+        made = [_request_row(row) for row in new_rows]
+        _insert(conn, statements.insert_requests, statements.copy_requests, made)
     outcome.written += len(new_rows)
     return folded
 
@@ -507,7 +563,8 @@ def _write_responses(
         if request_update:
             _apply_request_update(conn, key, request_update)
     if rows:
-        _executemany(conn, _statements(conn).insert_responses, rows)
+        statements = _statements(conn)
+        _insert(conn, statements.insert_responses, statements.copy_responses, rows)
     if session_updates:
         session_updates.sort(key=lambda update: str(update["sid"]))  # lock order, as in upserts
         _update_sessions_after_response(conn, session_updates)
