@@ -829,3 +829,31 @@ def test_response_ids_are_unique_in_a_process_and_across_forks() -> None:
         "response_id"
     ]
     assert from_child.startswith("resp-") and from_child not in {*ids, after}
+
+
+def test_upserting_many_sessions_at_once_applies_each_rule_per_row(engine: Engine) -> None:
+    """One upsert of a batch (on PostgreSQL a single statement over arrays) renews each stored session
+    by the same rules as one at a time, and a batch naming an id twice is still taken."""
+    from qwen_persist.repositories.writes import upsert_sessions
+    from qwen_persist.sessions import session_row
+
+    now = now_ms()
+    with engine.begin() as conn:
+        upsert_sessions(conn, [session_row(f"bulk-{i}", "first", 5, now, 60_000) for i in range(300)])
+    expire(engine, "bulk-7")
+    renewals = [session_row(f"bulk-{i}", "again", i % 10, now + 1, 60_000) for i in range(300)]
+    renewals[3] = {**renewals[3], "chat_id": "chat-3", "ids_updated_at": now + 1}
+    with engine.begin() as conn:
+        upsert_sessions(conn, renewals)
+        upsert_sessions(
+            conn,
+            [session_row("bulk-1", "x", 9, now + 2, 60_000), session_row("bulk-1", "y", 8, now + 3, 60_000)],
+        )
+    with engine.connect() as conn:
+        stored = {row.id: row for row in conn.execute(select(sessions_table)).all()}
+    assert len(stored) == 300
+    assert [stored[f"bulk-{i}"].message_count for i in (0, 4, 6, 9)] == [5, 5, 6, 9]  # never lowered
+    assert stored["bulk-3"].chat_id == "chat-3" and stored["bulk-3"].ids_updated_at == now + 1
+    assert stored["bulk-3"].first_user_message == "first"  # kept from the first request
+    assert stored["bulk-1"].message_count == 9 and stored["bulk-1"].last_accessed == now + 3
+    assert stored["bulk-2"].expires_at == now + 1 + 60_000  # slid forward

@@ -222,6 +222,9 @@ class _Statements:
     # as it fails an INSERT). None elsewhere.
     copy_requests: str | None = None
     copy_responses: str | None = None
+    # PostgreSQL: the sessions upsert over unnest() of one array per column, a single statement for the
+    # whole batch (rows in id order, so the lock order holds), instead of one statement per row.
+    upsert_sessions_unnest: str | None = None
 
 
 # Per dialect object (an engine's), so compiled text always matches that engine's paramstyle.
@@ -255,7 +258,22 @@ def _compile_all(dialect: Dialect) -> _Statements:
         update,
         copy.format("requests", ", ".join(map(quote, REQUEST_COLUMNS))),
         copy.format("responses", ", ".join(map(quote, RESPONSE_COLUMNS))),
+        _over_unnest(upsert.sql),
     )
+
+
+def _over_unnest(sql: str) -> str:
+    """``INSERT ... VALUES (%s::T, ...) ON CONFLICT ...`` as ``INSERT ... SELECT * FROM unnest(%b::T[],
+    ...) ON CONFLICT ...``: the same statement, fed one array per column."""
+    head, rest = sql.split(" VALUES (", 1)
+    values, tail = rest.split(") ON CONFLICT ", 1)
+    placeholders = values.split(", ")
+    if not all(mark.startswith("%s::") for mark in placeholders):
+        raise RuntimeError(f"unexpected sessions upsert placeholders: {values}")
+    # Binary parameters (%b): psycopg dumps text arrays in Python, quoting every element, at twice the
+    # CPU of the binary form (measured: 5.2 vs 2.7 µs per session row; executemany 9).
+    arrays = ", ".join("%b" + mark.removeprefix("%s") + "[]" for mark in placeholders)
+    return f"{head} SELECT * FROM unnest({arrays}) ON CONFLICT {tail}"
 
 
 def _insert(conn: Connection, statement: _Statement, copy: str | None, rows: Sequence[Row]) -> None:
@@ -342,7 +360,16 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """
     if not rows:
         return
-    _executemany(conn, _statements(conn).upsert_sessions, [_session_row(row) for row in rows])
+    statements = _statements(conn)
+    made = [_session_row(row) for row in rows]
+    if statements.upsert_sessions_unnest is not None and len({row[0] for row in made}) == len(made):
+        # (One statement cannot upsert the same id twice: a batch with repeats takes the other path.)
+        for start in range(0, len(made), SLICE):
+            yield_gil()
+            columns = tuple(list(column) for column in zip(*made[start : start + SLICE], strict=True))
+            conn.exec_driver_sql(statements.upsert_sessions_unnest, columns)
+        return
+    _executemany(conn, statements.upsert_sessions, made)
 
 
 def _upsert_statement(dialect: str) -> Any:
