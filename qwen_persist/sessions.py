@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 from sqlalchemy import Engine
 
 MAX_ID_LENGTH = 128
+# The string encoder json.dumps uses with its default ensure_ascii=True (the C one when available).
+_json_string = json.encoder.encode_basestring_ascii
 
 
 def now_ms() -> int:
@@ -102,8 +104,11 @@ def resolve_session_id(
     user = body.get("user") if isinstance(body, dict) else None
     scope = ""
     if key_fingerprint or isinstance(user, str):
-        # A JSON array is self-delimiting, so no (key, user, message) triple can pass for another.
-        scope = json.dumps([key_fingerprint or "", user if isinstance(user, str) else ""])
+        # A JSON array is self-delimiting, so no (key, user, message) triple can pass for another. Spelled
+        # out, it is the text json.dumps gives for the two strings (its separator and its ASCII string
+        # encoder), byte for byte: stored session ids depend on it (tests/test_sessions.py checks).
+        fingerprint, name = key_fingerprint or "", user if isinstance(user, str) else ""
+        scope = f"[{_json_string(fingerprint)}, {_json_string(name)}]"
     return hashlib.md5((scope + first).encode("utf-8", "surrogateescape")).hexdigest(), first
 
 

@@ -13,11 +13,15 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 from support import percentile_cont
 from traffic import Traffic, record_traffic
 
+from qwen_persist.config import build_settings
+from qwen_persist.engine import make_engine
 from qwen_persist.migrate import upgrade
 from qwen_persist.models import requests_table, responses_table, sessions_table
+from qwen_persist.records import CapturedRequest, request_op
 from qwen_persist.repositories import (
     ExchangeRecord,
     History,
@@ -29,10 +33,12 @@ from qwen_persist.repositories import (
     parse_duration,
     parse_since,
     parse_time,
+    writes,
 )
 from qwen_persist.repositories.queries import parse_bool
 from qwen_persist.repositories.writes import write_ops
 from qwen_persist.sessions import session_row
+from qwen_persist.writer import Writer
 
 
 @pytest.fixture(scope="module")
@@ -576,3 +582,44 @@ def test_the_session_list_cursor_as_the_readme_says(migrated_url: str) -> None:
     assert walk("last_accessed") == ["s3", "s2", "s1"]  # s0 moved ahead of the cursor: missed
     assert sorted(walk("created_at")) == ["s0", "s1", "s2", "s3"]
     history.close()
+
+
+def test_a_replica_row_that_lands_after_the_batch_read_is_retried_under_a_fresh_id(
+    migrated_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inserts (executemany on SQLite, COPY on PostgreSQL) fail as SQLAlchemy's IntegrityError when
+    another writer stored the same request id between this batch's read and its insert, and the writer's
+    one retry then files the request under a fresh id."""
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+
+    def op(capture: str) -> dict[str, Any]:
+        record = CapturedRequest(
+            "same-id", 1000, "POST", "/v1/chat/completions", body, len(body), False, None, None
+        )
+        record.capture_id = capture
+        return request_op(record, ttl_ms=60_000)[0]
+
+    engine = make_engine(migrated_url)
+    with engine.begin() as conn:
+        write_ops(conn, [op("replica")])
+    real, stale_reads = writes._select_in, [1]
+
+    def before_the_replica(conn: Any, columns: str, table: str, key: str, values: Any) -> Any:
+        if stale_reads[0] and (table, key) == ("requests", "request_id"):
+            stale_reads[0] -= 1
+            return []  # read before the replica's row was committed
+        return real(conn, columns, table, key, values)
+
+    monkeypatch.setattr(writes, "_select_in", before_the_replica)
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        write_ops(conn, [op("ours")])
+    stale_reads[0] = 1
+    writer = Writer(build_settings(database_url=migrated_url, spill_dir=tmp_path), engine)
+    writer._store([op("ours")])
+    assert (writer.stats().written, writer.stats().failed) == (1, 0)
+    with engine.connect() as conn:
+        stored = conn.execute(select(requests_table.c.request_id, requests_table.c.metadata)).all()
+    engine.dispose()
+    assert len(stored) == 2
+    ours = next(row for row in stored if row.request_id != "same-id")
+    assert ours.metadata == {"client_request_id": "same-id"}

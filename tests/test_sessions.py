@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ import httpx
 import openai
 import openai_proxy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, update
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -235,6 +238,72 @@ def test_canonical_text() -> None:
         [{"type": "image_url", "image_url": {"url": DATA_URL}}]
     )
     assert canonical_text({"b": 1, "a": 2}) == json.dumps({"a": 2, "b": 1})
+
+
+def _previous_session_id(body: Any, header: str | None, key: str | None, request_id: str) -> tuple[str, str]:
+    """resolve_session_id as it was before the scope lost its json.dumps: the reference every stored
+    session id was derived with."""
+    first = first_user_message(body)
+    if is_valid_client_id(header):
+        return str(header), first or ""
+    metadata = body.get("metadata") if isinstance(body, dict) else None
+    from_metadata = metadata.get("session_id") if isinstance(metadata, dict) else None
+    if isinstance(from_metadata, str) and is_valid_client_id(from_metadata):
+        return from_metadata, first or ""
+    if first is None:
+        return f"request-{request_id}", ""
+    user = body.get("user") if isinstance(body, dict) else None
+    scope = ""
+    if key or isinstance(user, str):
+        scope = json.dumps([key or "", user if isinstance(user, str) else ""])
+    return hashlib.md5((scope + first).encode("utf-8", "surrogateescape")).hexdigest(), first
+
+
+# Any text, lone surrogates, quotes, backslashes, control and non-ASCII characters included.
+_texts = st.one_of(st.text(), st.sampled_from(["", '"', "\\", "\x00", "\ud800", "caf\u00e9", "\U0001f600"]))
+_content = st.one_of(
+    st.none(),
+    _texts,
+    st.lists(
+        st.one_of(
+            st.fixed_dictionaries({"type": st.just("text"), "text": _texts}),
+            st.fixed_dictionaries(
+                {"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": _texts})}
+            ),
+            st.dictionaries(_texts, st.one_of(_texts, st.integers()), max_size=3),
+        ),
+        max_size=3,
+    ),
+    st.dictionaries(_texts, st.integers(), max_size=3),
+)
+
+
+@settings(max_examples=500)
+@given(
+    content=_content,
+    user=st.one_of(st.none(), _texts, st.integers()),
+    key=st.one_of(st.none(), st.just(""), st.text(alphabet="0123456789abcdef", min_size=16, max_size=16)),
+    header=st.one_of(st.none(), st.just("sess-1"), _texts),
+    metadata=st.one_of(st.none(), st.fixed_dictionaries({"session_id": st.one_of(_texts, st.integers())})),
+    role=st.sampled_from(["user", "system"]),
+)
+def test_session_ids_are_derived_as_before(
+    content: Any, user: Any, key: str | None, header: str | None, metadata: Any, role: str
+) -> None:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": role, "content": content}]}
+    if user is not None:
+        body["user"] = user
+    if metadata is not None:
+        body["metadata"] = metadata
+    assert _outcome(resolve, body, header, key) == _outcome(_previous_session_id, body, header, key, "rid-1")
+
+
+def _outcome(derive: Any, *args: Any) -> Any:
+    # A lone surrogate the md5's surrogateescape cannot encode raised before too: the same error is kept.
+    try:
+        return derive(*args)
+    except UnicodeEncodeError as exc:
+        return type(exc)
 
 
 # -- identity through the real middleware -------------------------------------------------------------
@@ -738,3 +807,53 @@ async def test_concurrent_parent_and_chat_updates_lose_nothing(engine: Engine) -
     assert final is not None and final.message_count == 12  # no reply body: no finished message added
     assert final.parent_id in {f"rp{i}" for i in range(12)} and final.chat_id in chats
     assert count(engine, sessions_table) == 1 and count(engine, responses_table, "busy") == 12
+
+
+def test_response_ids_are_unique_in_a_process_and_across_forks() -> None:
+    made = [
+        response_op(CapturedResponse("r", 200, False, b"{}", 2, False, 1, 1, 1))["response"] for _ in range(3)
+    ]
+    ids = [response["response_id"] for response in made]
+    assert len(set(ids)) == 3 and all(value.startswith("resp-") for value in ids)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        op = response_op(CapturedResponse("r", 200, False, b"{}", 2, False, 1, 1, 1))
+        os.write(writer, op["response"]["response_id"].encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    from_child = os.read(reader, 200).decode()
+    os.close(reader)
+    after = response_op(CapturedResponse("r", 200, False, b"{}", 2, False, 1, 1, 1))["response"][
+        "response_id"
+    ]
+    assert from_child.startswith("resp-") and from_child not in {*ids, after}
+
+
+def test_upserting_many_sessions_at_once_applies_each_rule_per_row(engine: Engine) -> None:
+    """One upsert of a batch (on PostgreSQL a single statement over arrays) renews each stored session
+    by the same rules as one at a time, and a batch naming an id twice is still taken."""
+    from qwen_persist.repositories.writes import upsert_sessions
+    from qwen_persist.sessions import session_row
+
+    now = now_ms()
+    with engine.begin() as conn:
+        upsert_sessions(conn, [session_row(f"bulk-{i}", "first", 5, now, 60_000) for i in range(300)])
+    expire(engine, "bulk-7")
+    renewals = [session_row(f"bulk-{i}", "again", i % 10, now + 1, 60_000) for i in range(300)]
+    renewals[3] = {**renewals[3], "chat_id": "chat-3", "ids_updated_at": now + 1}
+    with engine.begin() as conn:
+        upsert_sessions(conn, renewals)
+        upsert_sessions(
+            conn,
+            [session_row("bulk-1", "x", 9, now + 2, 60_000), session_row("bulk-1", "y", 8, now + 3, 60_000)],
+        )
+    with engine.connect() as conn:
+        stored = {row.id: row for row in conn.execute(select(sessions_table)).all()}
+    assert len(stored) == 300
+    assert [stored[f"bulk-{i}"].message_count for i in (0, 4, 6, 9)] == [5, 5, 6, 9]  # never lowered
+    assert stored["bulk-3"].chat_id == "chat-3" and stored["bulk-3"].ids_updated_at == now + 1
+    assert stored["bulk-3"].first_user_message == "first"  # kept from the first request
+    assert stored["bulk-1"].message_count == 9 and stored["bulk-1"].last_accessed == now + 3
+    assert stored["bulk-2"].expires_at == now + 1 + 60_000  # slid forward

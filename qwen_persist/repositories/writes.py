@@ -7,26 +7,340 @@ The same ops go to the journal when the database cannot take them, so loading th
 
 from __future__ import annotations
 
+import re
 import uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, case, insert, or_, select, update
+from sqlalchemy import JSON, Connection, Table, and_, bindparam, case, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import ClauseElement
 
+from .. import jsonlib
 from ..gil import yield_gil
 from ..models import requests_table, responses_table, sessions_table
 
 Op = dict[str, Any]
-# Rows per executemany: SQLAlchemy prepares the parameters holding the GIL (see gil.py).
+Row = tuple[Any, ...]
+# Rows per executemany: the driver binds a slice's parameters holding the GIL (see gil.py).
 SLICE = 128
 
 
-def _executemany(conn: Connection, statement: Any, rows: Sequence[dict[str, Any]]) -> None:
+@dataclass(frozen=True, slots=True)
+class _Statement:
+    """One statement compiled for one dialect: the driver's SQL and the parameter names in the order
+    its placeholders take them (a name may repeat)."""
+
+    sql: str
+    names: tuple[str, ...]
+    positional: bool  # False: the driver takes a mapping per row (a named paramstyle we do not rewrite)
+
+
+_PYFORMAT = re.compile(r"%\((\w+)\)s")
+
+
+def _compile(dialect: Dialect, statement: ClauseElement, column_keys: list[str] | None = None) -> _Statement:
+    """Compile once; executing the driver SQL skips SQLAlchemy's per-row parameter processing, which is
+    a no-op for these columns anyway (text, integers, booleans; JSON is serialized by `_json`)."""
+    compiled = statement.compile(dialect=dialect, column_keys=column_keys)
+    positions = getattr(compiled, "positiontup", None)
+    if dialect.positional and positions is not None and dialect.paramstyle in ("qmark", "format"):
+        return _Statement(compiled.string, tuple(positions), True)
+    if dialect.paramstyle == "pyformat":
+        # psycopg takes "%s" as well as "%(name)s": tuples are cheaper to build than a dict per row.
+        names: list[str] = []
+
+        def positional(match: re.Match[str]) -> str:
+            names.append(match.group(1))
+            return "%s"
+
+        return _Statement(_PYFORMAT.sub(positional, compiled.string), tuple(names), True)
+    return _Statement(compiled.string, tuple(compiled.params), False)  # pragma: no cover - other drivers
+
+
+def _json(value: Any) -> str | None:
+    """A nullable JSON column's value as the engine's serializer (engine.py) would have written it: the
+    same text on SQLite, the same document on PostgreSQL (JSONB parses it). None is SQL NULL."""
+    return None if value is None else jsonlib.dumps(value)
+
+
+def _json_required(value: Any) -> str:
+    """A NOT NULL JSON column's value: None is the JSON literal null, as SQLAlchemy's JSON type has it."""
+    return jsonlib.dumps(value)
+
+
+# The parameter tuples, built straight from op dicts (an absent key is NULL: ops from older journals
+# lack later columns). Each builder lists its table's columns in table order, which is the order the
+# compiled INSERT takes them in; `_check_columns` holds the two together.
+REQUEST_COLUMNS = (
+    "session_id",
+    "request_id",
+    "capture_id",
+    "timestamp",
+    "created_at",
+    "method",
+    "path",
+    "openai_request",
+    "qwen_request",
+    "model",
+    "stream",
+    "user",
+    "metadata",
+    "provider",
+)
+
+
+def _request_row(row: dict[str, Any]) -> Row:
+    get = row.get
+    return (
+        get("session_id"),
+        get("request_id"),
+        get("capture_id"),
+        get("timestamp"),
+        get("created_at"),
+        get("method"),
+        get("path"),
+        _json_required(get("openai_request")),
+        _json(get("qwen_request")),
+        get("model"),
+        get("stream"),
+        get("user"),
+        _json(get("metadata")),
+        get("provider"),
+    )
+
+
+RESPONSE_COLUMNS = (
+    "request_id",
+    "session_id",
+    "response_id",
+    "upstream_id",
+    "timestamp",
+    "created_at",
+    "status_code",
+    "openai_response",
+    "qwen_response",
+    "parent_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "finish_reason",
+    "error",
+    "duration_ms",
+    "first_byte_ms",
+    "headers",
+)
+
+
+def _response_row(row: dict[str, Any], request_key: int, session_id: str) -> Row:
+    """``row``: a response op's "response"; its request's row id and session come from the database."""
+    get = row.get
+    return (
+        request_key,
+        session_id,
+        get("response_id"),
+        get("upstream_id"),
+        get("timestamp"),
+        get("created_at"),
+        get("status_code"),
+        _json(get("openai_response")),
+        _json(get("qwen_response")),
+        get("parent_id"),
+        get("prompt_tokens"),
+        get("completion_tokens"),
+        get("total_tokens"),
+        get("finish_reason"),
+        get("error"),
+        get("duration_ms"),
+        get("first_byte_ms"),
+        _json(get("headers")),
+    )
+
+
+SESSION_COLUMNS = (
+    "id",
+    "chat_id",
+    "parent_id",
+    "first_user_message",
+    "message_count",
+    "created_at",
+    "updated_at",
+    "last_accessed",
+    "expires_at",
+    "ids_updated_at",
+)
+
+
+def _session_row(row: dict[str, Any]) -> Row:
+    get = row.get
+    return (
+        get("id"),
+        get("chat_id"),
+        get("parent_id"),
+        get("first_user_message"),
+        get("message_count"),
+        get("created_at"),
+        get("updated_at"),
+        get("last_accessed"),
+        get("expires_at"),
+        get("ids_updated_at"),
+    )
+
+
+# Which JSON columns the builders write, and whether None is SQL NULL there (the models' none_as_null).
+_JSON_COLUMNS = {
+    "requests": {"openai_request": False, "qwen_request": True, "metadata": True},
+    "responses": {"openai_response": True, "qwen_response": True, "headers": True},
+    "sessions": {},
+}
+
+
+def _check_columns(table: Table, columns: tuple[str, ...], compiled: _Statement) -> None:
+    """Fail loudly, on first use, if the models and the builders ever disagree (a column added to one)."""
+    stored = [column for column in table.c if column is not table.autoincrement_column]
+    if tuple(column.name for column in stored) != columns or compiled.names != columns:
+        raise RuntimeError(f"writes.py's {table.name} columns {columns} differ from the model or the SQL")
+    json_columns = {
+        column.name: bool(column.type.none_as_null) for column in stored if isinstance(column.type, JSON)
+    }
+    if json_columns != _JSON_COLUMNS[table.name]:
+        raise RuntimeError(f"writes.py's {table.name} JSON columns differ from the model's")
+
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    insert_requests: _Statement
+    insert_responses: _Statement
+    upsert_sessions: _Statement
+    update_sessions: _Statement
+    # psycopg: COPY ... FROM STDIN for the two inserts (no ON CONFLICT needed: every row was checked as
+    # new in this transaction, and a replica's row in the way fails the whole COPY as an IntegrityError,
+    # as it fails an INSERT). None elsewhere.
+    copy_requests: str | None = None
+    copy_responses: str | None = None
+    # PostgreSQL: the sessions upsert over unnest() of one array per column, a single statement for the
+    # whole batch (rows in id order, so the lock order holds), instead of one statement per row.
+    upsert_sessions_unnest: str | None = None
+
+
+# Per dialect object (an engine's), so compiled text always matches that engine's paramstyle.
+_COMPILED: weakref.WeakKeyDictionary[Dialect, _Statements] = weakref.WeakKeyDictionary()
+
+
+def _statements(conn: Connection) -> _Statements:
+    dialect = conn.dialect
+    found = _COMPILED.get(dialect)
+    if found is None:
+        found = _COMPILED[dialect] = _compile_all(dialect)
+    return found
+
+
+def _compile_all(dialect: Dialect) -> _Statements:
+    requests = _compile(dialect, insert(requests_table).inline(), list(REQUEST_COLUMNS))
+    responses = _compile(dialect, insert(responses_table).inline(), list(RESPONSE_COLUMNS))
+    upsert = _compile(dialect, _upsert_statement(dialect.name), list(SESSION_COLUMNS))
+    _check_columns(requests_table, REQUEST_COLUMNS, requests)
+    _check_columns(responses_table, RESPONSE_COLUMNS, responses)
+    _check_columns(sessions_table, SESSION_COLUMNS, upsert)
+    update = _compile(dialect, _update_statement())
+    if dialect.name != "postgresql" or dialect.driver != "psycopg":
+        return _Statements(requests, responses, upsert, update)
+    quote = dialect.identifier_preparer.quote
+    copy = "COPY {} ({}) FROM STDIN"
+    return _Statements(
+        requests,
+        responses,
+        upsert,
+        update,
+        copy.format("requests", ", ".join(map(quote, REQUEST_COLUMNS))),
+        copy.format("responses", ", ".join(map(quote, RESPONSE_COLUMNS))),
+        _over_unnest(upsert.sql),
+    )
+
+
+def _over_unnest(sql: str) -> str:
+    """``INSERT ... VALUES (%s::T, ...) ON CONFLICT ...`` as ``INSERT ... SELECT * FROM unnest(%b::T[],
+    ...) ON CONFLICT ...``: the same statement, fed one array per column."""
+    head, rest = sql.split(" VALUES (", 1)
+    values, tail = rest.split(") ON CONFLICT ", 1)
+    placeholders = values.split(", ")
+    if not all(mark.startswith("%s::") for mark in placeholders):
+        raise RuntimeError(f"unexpected sessions upsert placeholders: {values}")
+    # Binary parameters (%b): psycopg dumps text arrays in Python, quoting every element, at twice the
+    # CPU of the binary form (measured: 5.2 vs 2.7 µs per session row; executemany 9).
+    arrays = ", ".join("%b" + mark.removeprefix("%s") + "[]" for mark in placeholders)
+    return f"{head} SELECT * FROM unnest({arrays}) ON CONFLICT {tail}"
+
+
+def _insert(conn: Connection, statement: _Statement, copy: str | None, rows: Sequence[Row]) -> None:
+    if copy is None:
+        _executemany(conn, statement, rows)
+    else:
+        _copy(conn, copy, rows)
+
+
+def _copy(conn: Connection, sql: str, rows: Sequence[Row]) -> None:
+    """COPY ``rows`` in with psycopg, on the connection's own transaction: a third of executemany's
+    client CPU (benchmarks/README.md). Driver errors are raised as SQLAlchemy's, as `exec_driver_sql`
+    would raise them, so the writer's IntegrityError retry and transient classification still hold."""
+    dialect = conn.dialect
+    dbapi_connection = conn.connection.dbapi_connection
+    assert dbapi_connection is not None
+    cursor = dbapi_connection.cursor()
+    try:
+        with cursor.copy(sql) as copy:
+            for start in range(0, len(rows), SLICE):
+                yield_gil()
+                for row in rows[start : start + SLICE]:
+                    copy.write_row(row)
+    except dialect.loaded_dbapi.Error as exc:
+        disconnect = dialect.is_disconnect(exc, dbapi_connection, cursor)
+        raise DBAPIError.instance(
+            sql,
+            None,
+            exc,
+            dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            dialect=dialect,
+            connection_invalidated=disconnect,
+        ) from exc
+    finally:
+        cursor.close()
+
+
+def _select_in(conn: Connection, columns: str, table: str, key: str, values: Sequence[Any]) -> Sequence[Row]:
+    """``SELECT columns FROM table WHERE key IN values`` as driver SQL (names are ours, never input);
+    nothing to ask, no query."""
+    if not values:
+        return []
+    if conn.dialect.name == "postgresql":
+        # One array parameter: the same statement text whatever the count, and no per-value binding.
+        cast = "bigint" if key == "request_id" and table == "responses" else "text"
+        sql = f"SELECT {columns} FROM {table} WHERE {key} = ANY(%s::{cast}[])"
+        return conn.exec_driver_sql(sql, (list(values),)).all()
+    marks = ", ".join("?" * len(values))
+    return conn.exec_driver_sql(
+        f"SELECT {columns} FROM {table} WHERE {key} IN ({marks})", tuple(values)
+    ).all()
+
+
+def _executemany(conn: Connection, statement: _Statement, rows: Sequence[Row]) -> None:
+    """Run ``statement`` once per row with the DBAPI cursor's executemany, in the caller's transaction.
+    Through ``exec_driver_sql``, so driver errors still come as SQLAlchemy's (IntegrityError,
+    OperationalError, a lost connection invalidated) for the writer's retry and outage rules."""
     for start in range(0, len(rows), SLICE):
         yield_gil()
-        conn.execute(statement, list(rows[start : start + SLICE]))
+        part = rows[start : start + SLICE]
+        if statement.positional:
+            conn.exec_driver_sql(statement.sql, list(part))
+        else:  # pragma: no cover - other drivers
+            conn.exec_driver_sql(
+                statement.sql, [dict(zip(statement.names, row, strict=True)) for row in part]
+            )
 
 
 @dataclass(slots=True)
@@ -46,7 +360,19 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """
     if not rows:
         return
-    dialect = conn.dialect.name
+    statements = _statements(conn)
+    made = [_session_row(row) for row in rows]
+    if statements.upsert_sessions_unnest is not None and len({row[0] for row in made}) == len(made):
+        # (One statement cannot upsert the same id twice: a batch with repeats takes the other path.)
+        for start in range(0, len(made), SLICE):
+            yield_gil()
+            columns = tuple(list(column) for column in zip(*made[start : start + SLICE], strict=True))
+            conn.exec_driver_sql(statements.upsert_sessions_unnest, columns)
+        return
+    _executemany(conn, statements.upsert_sessions, made)
+
+
+def _upsert_statement(dialect: str) -> Any:
     if dialect == "postgresql":
         stmt: Any = postgresql.insert(sessions_table)
     elif dialect == "sqlite":
@@ -69,7 +395,7 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         # A newer exchange's id wins; else an expired session starts over without the old ids.
         return case((and_(newer, new[name].is_not(None)), new[name]), (was_expired, None), else_=table[name])
 
-    stmt = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=[table.id],
         set_={
             "updated_at": latest("updated_at"),
@@ -85,7 +411,6 @@ def upsert_sessions(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
             ),
         },
     )
-    _executemany(conn, stmt, rows)
 
 
 def _merge_sessions(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -160,18 +485,13 @@ def _write_requests(
     keys = [row.get("capture_id") or row["request_id"] for row in rows]
     sent = {key: answers[key]["sent_request_id"] for key in keys if "sent_request_id" in answers.get(key, ())}
     captured = [row["capture_id"] for row in rows if row.get("capture_id")]
-    stored_captures = set(
-        conn.execute(
-            select(requests_table.c.capture_id).where(requests_table.c.capture_id.in_(captured))
-        ).scalars()
-    )
+    stored_captures = {
+        found for (found,) in _select_in(conn, "capture_id", "requests", "capture_id", captured)
+    }
     wanted_ids = [row["request_id"] for row in rows] + list(sent.values())
-    taken = dict(  # request ids already stored -> their timestamp (old ops: how a replay was known)
-        conn.execute(
-            select(requests_table.c.request_id, requests_table.c.timestamp).where(
-                requests_table.c.request_id.in_(wanted_ids)
-            )
-        ).all()
+    # Request ids already stored -> their timestamp (old ops: how a replay was known).
+    taken: dict[str, int] = dict(
+        _select_in(conn, "request_id, timestamp", "requests", "request_id", wanted_ids)
     )
     new_rows: list[dict[str, Any]] = []
     sessions: list[dict[str, Any]] = []
@@ -212,7 +532,9 @@ def _write_requests(
             folded.add(key)
     upsert_sessions(conn, _merge_sessions(sessions))
     if new_rows:
-        _executemany(conn, insert(requests_table), new_rows)
+        statements = _statements(conn)
+        made = [_request_row(row) for row in new_rows]
+        _insert(conn, statements.insert_requests, statements.copy_requests, made)
     outcome.written += len(new_rows)
     return folded
 
@@ -222,32 +544,14 @@ def _write_responses(
 ) -> None:
     if not ops:
         return
-    columns = (
-        requests_table.c.id,
-        requests_table.c.request_id,
-        requests_table.c.capture_id,
-        requests_table.c.session_id,
-    )
+    columns = "id, request_id, capture_id, session_id"
     captures = [op["capture_id"] for op in ops if op.get("capture_id")]
     legacy = [renames.get(op["request_id"], op["request_id"]) for op in ops if not op.get("capture_id")]
-    by_capture = {
-        row.capture_id: row
-        for row in conn.execute(select(*columns).where(requests_table.c.capture_id.in_(captures)))
-    }
-    by_request_id = {
-        row.request_id: row
-        for row in conn.execute(select(*columns).where(requests_table.c.request_id.in_(legacy)))
-    }
-    answered = set(
-        conn.execute(
-            select(responses_table.c.request_id).where(
-                responses_table.c.request_id.in_(
-                    [row.id for row in (*by_capture.values(), *by_request_id.values())]
-                )
-            )
-        ).scalars()
-    )
-    rows: list[dict[str, Any]] = []
+    by_capture = {row[2]: row for row in _select_in(conn, columns, "requests", "capture_id", captures)}
+    by_request_id = {row[1]: row for row in _select_in(conn, columns, "requests", "request_id", legacy)}
+    found = [row[0] for row in (*by_capture.values(), *by_request_id.values())]
+    answered = {row[0] for row in _select_in(conn, "request_id", "responses", "request_id", found)}
+    rows: list[Row] = []
     session_updates: list[dict[str, Any]] = []
     for op in ops:
         capture = op.get("capture_id")
@@ -259,32 +563,35 @@ def _write_responses(
         if request is None:
             outcome.orphans.append(op)
             continue
-        if request.id in answered:
+        key, request_id, session_id = request[0], request[1], request[3]
+        if key in answered:
             outcome.duplicates += 1
             continue
-        answered.add(request.id)
-        rows.append({**op["response"], "request_id": request.id, "session_id": request.session_id})
+        answered.add(key)
+        response = op["response"]
+        rows.append(_response_row(response, key, session_id))
         if _answer_key(op) not in folded:
             session = op.get("session_update") or {}
             session_updates.append(
                 {
-                    "sid": request.session_id,
+                    "sid": session_id,
                     "n": session.get("message_count"),
                     "p": session.get("parent_id"),
                     "c": session.get("chat_id"),
-                    "at": session.get("ids_at") or op["response"]["timestamp"],
-                    "now": op["response"]["timestamp"],
+                    "at": session.get("ids_at") or response["timestamp"],
+                    "now": response["timestamp"],
                 }
             )
         request_update = dict(op.get("request_update") or {})
         sent = op.get("sent_request_id")
-        if sent is not None and sent != request.request_id:
+        if sent is not None and sent != request_id:
             # The request was stored in an earlier batch, before the app set its own id.
-            request_update.update(_take_sent_id(conn, request.request_id, sent, request_update))
+            request_update.update(_take_sent_id(conn, request_id, sent, request_update))
         if request_update:
-            _apply_request_update(conn, request.id, request_update)
+            _apply_request_update(conn, key, request_update)
     if rows:
-        _executemany(conn, insert(responses_table), rows)
+        statements = _statements(conn)
+        _insert(conn, statements.insert_responses, statements.copy_responses, rows)
     if session_updates:
         session_updates.sort(key=lambda update: str(update["sid"]))  # lock order, as in upserts
         _update_sessions_after_response(conn, session_updates)
@@ -316,6 +623,12 @@ def _apply_request_update(conn: Connection, request_id: int, update_values: dict
 
 
 def _update_sessions_after_response(conn: Connection, updates: list[dict[str, Any]]) -> None:
+    statement = _statements(conn).update_sessions
+    names = statement.names
+    _executemany(conn, statement, [tuple(values[name] for name in names) for values in updates])
+
+
+def _update_statement() -> Any:
     table = sessions_table.c
     count = bindparam("n", type_=table.message_count.type)
     parent = bindparam("p", type_=table.parent_id.type)
@@ -324,7 +637,7 @@ def _update_sessions_after_response(conn: Connection, updates: list[dict[str, An
     reported = or_(parent.is_not(None), chat.is_not(None))
     # Only a newer exchange's ids replace the stored ones (a late response from an older turn does not).
     newer = and_(reported, or_(table.ids_updated_at.is_(None), at >= table.ids_updated_at))
-    stmt = (
+    return (
         update(sessions_table)
         .where(table.id == bindparam("sid"))
         .values(
@@ -335,4 +648,3 @@ def _update_sessions_after_response(conn: Connection, updates: list[dict[str, An
             updated_at=case((bindparam("now") > table.updated_at, bindparam("now")), else_=table.updated_at),
         )
     )
-    _executemany(conn, stmt, updates)
