@@ -110,8 +110,14 @@ class ServerRun:
         return sum(_cpu_seconds(pid) for pid in (self.pid, *writer_processes(self.pid)))
 
     def free_writer(self) -> None:
-        """Let the writer process run on every core (it inherits the server's pinning)."""
-        for pid in writer_processes(self.pid):
+        """Let the writer process run on every core (it inherits the server's pinning). It is started
+        by the server's lifespan, in a thread: wait for it."""
+        deadline = time.monotonic() + 30
+        while not (children := writer_processes(self.pid)):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server started no writer process")
+            time.sleep(0.02)
+        for pid in children:
             for task in os.listdir(f"/proc/{pid}/task"):
                 os.sched_setaffinity(int(task), range(os.cpu_count() or 1))
 
