@@ -331,8 +331,12 @@ class Writer:
             log.exception("qwen_persist writer: unexpected error")
 
     def journal_records(self, records: list[Record], *, reason: str) -> None:
-        """Put ``records`` straight into the journal (the writer process's feeder, when it is behind)."""
+        """Put ``records`` straight into the journal (the writer process's feeder, when it is behind),
+        and release the segment so that another process (the writer process) can load it now."""
         self._journal_ops(self._to_ops(records), reason=reason)
+        with self._journal_lock:
+            if self._journal is not None:
+                self._journal.close()
 
     @property
     def running(self) -> bool:

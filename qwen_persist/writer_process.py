@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from operator import attrgetter
 from pathlib import Path
 from typing import IO, Any
@@ -66,6 +66,7 @@ CALM_SECONDS = 1.0
 STARVED_SECONDS = 0.25  # a frame not acknowledged for this long: the child gets normal priority
 MAX_QUICK_DEATHS = 3  # children dying within QUICK_DEATH seconds of their start, in a row: fall back
 QUICK_DEATH = 10.0
+FULL_WAIT = 0.05  # seconds between looks at the backlog while the pipe is full
 PIPE_BYTES = 1 << 20  # the pipe's capacity, where the platform lets us set it (Linux: F_SETPIPE_SZ)
 _HEADER = struct.Struct("!I")
 _F_SETPIPE_SZ = 1031
@@ -189,17 +190,28 @@ class _Child:
             import fcntl
 
             fcntl.fcntl(self.stdin.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
+        # Never blocked in a write: a child that falls behind must not hold the feeder, which then
+        # journals what piles up (see `ProcessWriter._spill_pending`).
+        os.set_blocking(self.stdin.fileno(), False)
         self.acknowledged_any = False
         self.stats: WriterStats | None = None
         self.idle = False
         self.reader: threading.Thread = threading.Thread(name="qwen-persist-acks", daemon=True)
         self.send(encode_frame("config", 0, dataclasses.replace(settings, redact=None)))
 
-    def send(self, frame: bytes) -> None:
-        """Write a whole frame (blocking: only the feeder thread calls this). Raises OSError if the child
+    def send(self, frame: bytes, while_full: Callable[[], None] | None = None) -> None:
+        """Write a whole frame (only the feeder thread calls this), calling ``while_full`` every
+        ``FULL_WAIT`` seconds while the pipe is full (the child is behind). Raises OSError if the child
         is gone."""
-        self.stdin.write(frame)
-        self.stdin.flush()
+        fd = self.stdin.fileno()
+        view = memoryview(frame)
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                _, ready, _ = select.select([], [fd], [], FULL_WAIT)
+                if not ready and while_full is not None:
+                    while_full()
 
     def set_idle(self, idle: bool) -> bool:
         """Move every thread of the child to idle (or normal) scheduling; False where that is refused."""
@@ -303,6 +315,7 @@ class ProcessWriter:
         """This process was forked from one that had a writer running: its threads and child are the
         parent's. Start afresh; records the parent had are the parent's to store."""
         accepted = self._accepted
+        self.engine.dispose(close=False)  # the parent's connections stay the parent's
         self.local = Writer(self.settings, self.engine)
         self._reset()
         self._accepted = accepted
@@ -446,7 +459,7 @@ class ProcessWriter:
             self._spawn()  # which sends every frame not acknowledged, this one included
             return
         with contextlib.suppress(OSError):  # the child died: the next turn starts another, which gets
-            child.send(frame)  # this frame too
+            child.send(frame, self._spill_pending)  # this frame too
 
     def _spawn(self) -> _Child | None:
         """Start a child and send it every frame not acknowledged yet, in order."""
@@ -472,7 +485,7 @@ class ProcessWriter:
             child.set_idle(True)
         for frame in frames:
             try:
-                child.send(frame)
+                child.send(frame, self._spill_pending)
             except OSError:
                 break
         return child
@@ -569,6 +582,20 @@ class ProcessWriter:
                 _, frame, count, _ = self._unacked.popleft()
                 self._unacked_records -= count
             self._journal_frame(frame, "writer process behind")
+
+    def _spill_pending(self) -> None:
+        """The child cannot take a frame now: records piling up beyond ``queue_size`` go to the journal
+        from here rather than wait in memory."""
+        if len(self._pending) <= self.settings.queue_size:
+            return
+        records: list[Record] = []
+        for _ in range(len(self._pending)):
+            item = self._pending.popleft()
+            if isinstance(item, CapturedRequest | CapturedResponse):
+                records.append(item)
+            else:
+                self._pending.append(item)  # waiters and stream hand-offs stay, in their order
+        self.local.journal_records(records, reason="writer process behind")
 
     def _journal_frame(self, frame: bytes, reason: str) -> None:
         self.local.journal_records(_frame_records(frame), reason=reason)

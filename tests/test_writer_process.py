@@ -233,3 +233,44 @@ def test_a_forked_worker_starts_its_own_writer_process(migrated_url: str, tmp_pa
     texts = sorted(req.openai_request["messages"][0]["content"] for req, _ in stored)
     assert texts == sorted([f"parent{i}" for i in range(5)] + [f"worker{i}" for i in range(7)])
     assert all(resp is not None for _, resp in stored)
+
+
+def test_a_writer_process_that_stops_reading_costs_memory_no_more_than_queue_size(
+    migrated_url: str, tmp_path: Path
+) -> None:
+    """The child frozen (SIGSTOP) under traffic: the pipe fills, the feeder journals what piles up past
+    queue_size instead of holding it, and once the child runs again everything is stored."""
+    middleware = PersistenceMiddleware(
+        _answer, database_url=migrated_url, spill_dir=str(tmp_path / "spill"), writer="process", queue_size=50
+    )
+    writer = middleware.writer
+    assert isinstance(writer, ProcessWriter)
+    padding = "x" * 4000  # 1,500 exchanges of ~4 KB: several times the pipe's capacity
+
+    async def run() -> int:
+        await _exchange(middleware, "first")
+        assert await writer.barrier(30)
+        (child,) = [pid for pid in writer_children(os.getpid()) if alive(pid)]
+        os.kill(child, signal.SIGSTOP)
+        try:
+            for i in range(1500):
+                await _exchange(middleware, f"{i} {padding}")
+                if i % 100 == 0:
+                    await asyncio.sleep(0.06)  # the feeder's turns
+            await asyncio.sleep(0.5)
+            backlog = len(writer._pending)
+        finally:
+            os.kill(child, signal.SIGCONT)
+        await middleware.aclose()
+        return backlog
+
+    backlog = asyncio.run(run())
+    stats = middleware.stats()
+    assert backlog <= 50 + 10  # what arrived since the feeder's last look
+    assert stats.spilled > 0 and stats.failed == 0, stats
+    # What the closing child could not load yet, the next start does.
+    again = PersistenceMiddleware(_answer, database_url=migrated_url, spill_dir=str(tmp_path / "spill"))
+    again.writer.start()
+    again.writer.close()
+    stored = stored_exchanges(migrated_url)
+    assert len(stored) == 1501 and all(resp is not None for _, resp in stored)
