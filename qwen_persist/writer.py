@@ -185,17 +185,25 @@ class Writer:
         """Wait until everything submitted before now is stored (or journaled). False on timeout."""
         if self._thread is None:
             return True
+        future = self.mark()
+        if future is None:
+            return False
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def mark(self) -> concurrent.futures.Future[None] | None:
+        """A future done once everything submitted before now is stored (or journaled); None if the
+        queue is full."""
         marker = _Barrier()
         try:
             self._queue.put_nowait(marker)
         except queue.Full:
-            return False
+            return None
         self._wakeup.set()
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(marker.future), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return marker.future
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

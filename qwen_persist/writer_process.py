@@ -265,7 +265,6 @@ class ProcessWriter:
         self._unacked_records = 0
         self._waiters: list[_Waiter] = []
         self._seq = 0
-        self._acked_seq = 0
         self._quick_deaths = 0
         self._fallback = False
         self._calm_since: float | None = None
@@ -418,6 +417,9 @@ class ProcessWriter:
         records: list[tuple[str, tuple[Any, ...]]] = []
         waiters: list[_Waiter] = []
         pending = self._pending
+        if self._fallback:
+            self._hand_to_local()
+            return
         while pending:
             item = pending.popleft()
             if isinstance(item, CapturedRequest | CapturedResponse):
@@ -426,9 +428,6 @@ class ProcessWriter:
                 item.drain(wait=False)
             else:
                 waiters.append(item)
-        if self._fallback:
-            self._hand_to_local(records, waiters)
-            return
         if records or waiters:
             self._seq += 1
             seq = self._seq
@@ -541,7 +540,6 @@ class ProcessWriter:
     def _acknowledge(self, seq: int) -> None:
         done: list[_Waiter] = []
         with self._lock:
-            self._acked_seq = max(self._acked_seq, seq)
             while self._unacked and self._unacked[0][0] <= seq:
                 self._unacked_records -= self._unacked.popleft()[2]
             kept: list[_Waiter] = []
@@ -651,13 +649,25 @@ class ProcessWriter:
             for record in _frame_records(entry[1]):
                 self.local.submit(record)
         for waiter in waiters:
-            _resolve(waiter)
+            self._wait_locally(waiter)
 
-    def _hand_to_local(self, records: list[tuple[str, tuple[Any, ...]]], waiters: list[_Waiter]) -> None:
-        for item in records:
-            self.local.submit(_unpack(item))
-        for waiter in waiters:
-            _resolve(waiter)  # approximately: the thread writer's own barrier is async
+    def _hand_to_local(self) -> None:
+        """What reached the queue before the fall-back, to the writer thread, waiters after it."""
+        while self._pending:
+            item = self._pending.popleft()
+            if isinstance(item, CapturedRequest | CapturedResponse):
+                self.local.submit(item)
+            elif isinstance(item, StreamHandoff):
+                self.local.feed_stream(item)
+            else:
+                self._wait_locally(item)
+
+    def _wait_locally(self, waiter: _Waiter) -> None:
+        future = self.local.mark()
+        if future is None:
+            _resolve(waiter)  # a full queue: the waiter learns no more by waiting
+        else:
+            future.add_done_callback(lambda _: _resolve(waiter))
 
 
 def _can_leave_idle() -> bool:
