@@ -16,7 +16,8 @@ idempotent by capture id).
   `STARVED_SECONDS` (idle priority gets no CPU at all on a busy machine), and one someone awaits.
 * **Parent death.** The child ends when the pipe reaches end of file (the server exited, however it
   died) and on the platform's parent-death signal (Linux ``PR_SET_PDEATHSIG``), storing or journaling
-  what it holds first. It ignores the terminal's SIGINT: the server decides when to stop.
+  what it holds and what is left in the pipe first. It runs in a session of its own, so the terminal's
+  SIGINT and signals sent to the server's process group never reach it: the server decides when to stop.
 * **Forks.** Everything is started lazily in the process that submits (``uvicorn --workers N``, gunicorn
   with ``--preload``): a process that inherited a writer from its parent starts its own child.
 * **Fallback.** Where a child process cannot run (no interpreter to start, a child that dies at once three
@@ -144,13 +145,16 @@ class _FrameReader:
         self.fd = fd
         self.buffer = bytearray()
         self.eof = False
+        self.received = 0  # bytes the last read brought
 
     def read(self, timeout: float | None) -> list[tuple[str, int, Any]]:
         """The frames complete after waiting at most ``timeout`` seconds for bytes (None: no limit)."""
+        self.received = 0
         if not self.eof:
             ready, _, _ = select.select([self.fd], [], [], timeout)
             if ready:
                 data = os.read(self.fd, 1 << 20)
+                self.received = len(data)
                 if data:
                     self.buffer += data
                 else:
@@ -181,6 +185,11 @@ class _Child:
             stdout=subprocess.PIPE,
             env=env,
             close_fds=True,
+            # A session of its own, from the first instruction: the terminal's Ctrl-C and a signal sent to
+            # the server's process group never reach it, not even while it is still importing (the server
+            # stops in order and then closes the pipe; a server that dies is seen by end of file and the
+            # parent-death signal).
+            start_new_session=True,
         )
         self.started = time.monotonic()
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -709,12 +718,13 @@ def _parent_death_signal() -> None:
 def child_main(argv: Iterable[str]) -> int:
     args = list(argv)
     parent = int(args[0]) if args else os.getppid()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us in order
+    # Our own session keeps the terminal's signals away; these cover a SIGINT or SIGTERM sent to every
+    # process (systemd stopping a unit's control group): the server stops in order, then ends our input.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stopping = threading.Event()
 
     def terminate(*_: Any) -> None:
-        # A SIGTERM sent to the whole process group (a supervisor stopping the server) is the server's:
-        # it stops in order and then ends our input. Only the parent-death signal stops us here.
+        # Only the parent-death signal stops us here.
         if os.getppid() != parent:
             stopping.set()
 
@@ -746,14 +756,20 @@ def child_main(argv: Iterable[str]) -> int:
     def acknowledge(seq: int) -> None:
         frame = encode_frame("ack", seq, writer.stats())
         view = memoryview(frame)
-        while view:
-            view = view[os.write(out, view) :]
+        # A dead parent no longer reads: the records are stored all the same, so that is no reason to stop.
+        with contextlib.suppress(OSError):
+            while view:
+                view = view[os.write(out, view) :]
 
-    while not reader.eof and not stopping.is_set():
-        if os.getppid() != parent:
-            break  # the parent died before the death signal was asked for
-        frames, early = early or reader.read(writer.idle_wait()), []
+    while not reader.eof:
+        # The parent gone (the death signal, or a new parent if it died before we asked for the signal):
+        # what it left in the pipe is still ours to store, so read on without waiting until nothing more
+        # comes (a forked sibling may hold the pipe open, so end of file may never come).
+        orphaned = stopping.is_set() or os.getppid() != parent
+        frames, early = early or reader.read(0 if orphaned else writer.idle_wait()), []
         if not frames:
+            if orphaned and not reader.received:
+                break
             writer.process([])  # look at the journal: an outage may have ended
             continue
         records = [_unpack(item) for _, _, payload in frames for item in payload]
@@ -764,6 +780,5 @@ def child_main(argv: Iterable[str]) -> int:
     # Input ended (the server stops, or died): store what is journaled if the time allows, then stop.
     writer.process([], stopping=True)
     writer.close(settings.shutdown_timeout)
-    with contextlib.suppress(OSError):
-        acknowledge(0)
+    acknowledge(0)
     return 0

@@ -12,17 +12,21 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 from support import stored_exchanges
 from traffic import record_traffic
 from writer_process_app import answer as _answer
 from writer_process_app import exchange as _exchange
 
 from qwen_persist import PersistenceMiddleware
+from qwen_persist.engine import make_engine
 from qwen_persist.writer_process import ProcessWriter
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -196,6 +200,50 @@ def test_the_writer_process_outlives_neither_the_server_nor_its_records(
             server.wait()
     stored = stored_exchanges(migrated_url)
     assert len(stored) == 40 and all(resp is not None for _, resp in stored)
+
+
+@contextmanager
+def _writes_held(database_url: str) -> Iterator[None]:
+    """Another session holds the write lock: the writer process blocks inside its transaction."""
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            if database_url.startswith("sqlite"):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.execute(text("LOCK TABLE requests IN EXCLUSIVE MODE"))
+            yield
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def test_an_orphaned_writer_process_stores_what_is_left_in_the_pipe(
+    migrated_url: str, tmp_path: Path
+) -> None:
+    """The server dies while its writer process is busy storing a batch (held up by a lock here; a busy
+    machine or a slow database are the same) and more frames wait in the pipe: they are the dead
+    server's last records, and the writer process reads and stores them all before it exits."""
+    port = _free_port()
+    server = _server(migrated_url, tmp_path, port)
+    try:
+        _send_requests(port, 5)
+        (child,) = writer_children(server.pid)
+        assert wait_for(lambda: len(stored_exchanges(migrated_url)) == 5, 30)
+        with _writes_held(migrated_url):
+            _send_requests(port, 1)
+            time.sleep(0.5)  # the writer process took that frame and waits for the lock
+            _send_requests(port, 30)
+            time.sleep(0.5)  # several flush intervals: these frames wait in the pipe
+            server.kill()
+            assert server.wait(20) is not None
+        assert wait_for(lambda: not alive(child), 30), "the writer process outlived the server"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    stored = stored_exchanges(migrated_url)
+    assert len(stored) == 36 and all(resp is not None for _, resp in stored)
 
 
 def test_a_forked_worker_starts_its_own_writer_process(migrated_url: str, tmp_path: Path) -> None:
