@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -53,6 +54,12 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("ci")
+
+# A suite started in the background by a non-interactive shell (`bash .ci/run &`) has SIGINT ignored, and
+# children inherit an ignored signal. The tests stop their servers and CLIs with Ctrl-C as a terminal
+# would, so this process takes Python's usual handler back (a handler, unlike "ignored", is not inherited).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _postgres_admin_url() -> str | None:
