@@ -87,6 +87,7 @@ async def stalled_database(exchanges: int, queue_size: int) -> list[str]:
             queue_size=queue_size,
             batch_size=100,
             spill_dir=str(workdir / "spill"),
+            writer="thread",  # the in-process queue whose depth this measures
         )
         body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
         max_depth = 0

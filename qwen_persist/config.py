@@ -55,8 +55,8 @@ DEFAULT_BATCH_SIZE = 500
 DEFAULT_FLUSH_INTERVAL = 0.05
 DEFAULT_SPILL_DIR = "qwen_persist_spill"
 DEFAULT_API_PREFIX = "/v1"
-WRITER_MODES = ("process", "thread")
-DEFAULT_WRITER = "thread"
+WRITER_MODES = ("auto", "process", "thread")
+DEFAULT_WRITER = "auto"
 
 
 class ConfigurationError(ValueError):
@@ -85,7 +85,9 @@ class Settings:
     api_anonymous: bool = False
     api_prefix: str = DEFAULT_API_PREFIX
     retention_ms: int | None = None  # history older than this is deleted in the background; None: kept
-    writer: str = DEFAULT_WRITER  # "process" (a child process) or "thread" (in the server process)
+    # "process" (a child process), "thread" (in the server process), or "auto": the process where this
+    # one may use two CPUs or more (see `middleware.writer_mode`).
+    writer: str = DEFAULT_WRITER
 
     @property
     def api_enabled(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Iterable
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api.app import build_api, handles
 from .config import ConfigurationError, Settings, build_settings
+from .cpus import available_cpus
 from .encodings import parse_content_encoding
 from .engine import WRITER_LOCK_TIMEOUT, make_engine
 from .exchange import SCOPE_KEY, Exchange
@@ -204,12 +206,27 @@ class PersistenceMiddleware:
         return new_request_id()
 
 
-def _make_writer(settings: Settings, engine: Engine) -> Writer | ProcessWriter:
-    if settings.writer == "process":
-        if settings.redact is None:
-            return ProcessWriter(settings, engine)
+def writer_mode(settings: Settings) -> str:
+    """Where the writer runs: "process" or "thread". "auto" takes the process where this one may use two
+    CPUs or more (affinity and cgroup quota; `cpus.available_cpus`): measured, that moves the writer's CPU
+    and garbage off the event loop's core (benchmarks/README.md, "Performance II"), while confined to one
+    core the same work only competes there, so the thread is kept."""
+    if settings.redact is not None:
         # The hook is the app's code: the writer process would have to import the app to run it.
-        log.info("qwen_persist: a redact hook is set, so the writer runs as a thread in this process")
+        if settings.writer == "process":
+            log.info("qwen_persist: a redact hook is set, so the writer runs as a thread in this process")
+        return "thread"
+    if settings.writer == "auto":
+        cpus = available_cpus()
+        mode = "process" if os.name == "posix" and cpus >= 2 else "thread"
+        log.info("qwen_persist: writer=auto chose the %s (this process may use %g CPUs)", mode, cpus)
+        return mode
+    return settings.writer
+
+
+def _make_writer(settings: Settings, engine: Engine) -> Writer | ProcessWriter:
+    if writer_mode(settings) == "process":
+        return ProcessWriter(settings, engine)
     return Writer(settings, engine)
 
 

@@ -61,6 +61,13 @@ settings.load_profile("ci")
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# The suite's tests are written against the thread writer: its timing (a record stored within a flush
+# interval, no child process to start first) and its internals. The default, "auto", would start a writer
+# process for every middleware on a machine with two CPUs. The tests that mean the writer process ask
+# for it: tests/test_writer_process.py, tests/test_cpus.py, the demo's (which runs the real default),
+# and the fault suite run with FAULT_WRITER=process.
+os.environ.setdefault("QWEN_PERSIST_WRITER", "thread")
+
 
 def _postgres_admin_url() -> str | None:
     return os.environ.get(POSTGRES_URL_ENV) or None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import shlex
 from pathlib import Path
 
@@ -11,16 +13,27 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DbSession
 
 from qwen_persist.cli import main
+from qwen_persist.cpus import available_cpus
 from qwen_persist.demo import add_parser, run_demo
 from qwen_persist.engine import make_engine
 from qwen_persist.models import Request, Response, Session
 
 
 @pytest.fixture
-def demo_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, str, Path]:
+def demo_run(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[str, str, Path]:
+    """The demo as a user runs it: with the default writer ("auto"; the suite otherwise pins "thread")."""
+    monkeypatch.delenv("QWEN_PERSIST_WRITER", raising=False)
     db_path = tmp_path / "demo.db"
     database_url = f"sqlite:///{db_path}"
-    assert run_demo(database_url) == 0
+    with caplog.at_level(logging.INFO, logger="qwen_persist"):
+        assert run_demo(database_url) == 0
+    chosen = "process" if os.name == "posix" and available_cpus() >= 2 else "thread"
+    assert f"writer=auto chose the {chosen}" in caplog.text
     captured = capsys.readouterr()
     return database_url, captured.out + captured.err, db_path
 
