@@ -133,7 +133,10 @@ def test_no_interpreter_to_start_falls_back_to_the_writer_thread(
     assert middleware.stats().written == 40 and middleware.stats().accepted == 40
 
 
-def _server(migrated_url: str, tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
+@contextmanager
+def _server(migrated_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The recorded app under uvicorn in a process of its own; killed at the end if still running."""
+    port = _free_port()
     env = dict(os.environ)
     env.update(
         WRITER_TEST_DATABASE_URL=migrated_url,
@@ -142,11 +145,22 @@ def _server(migrated_url: str, tmp_path: Path, port: int) -> subprocess.Popen[by
     )
     command = [sys.executable, "-m", "uvicorn", "writer_process_app:app", "--app-dir", str(TESTS)]
     command += ["--port", str(port), "--host", "127.0.0.1", "--log-level", "warning"]
-    return subprocess.Popen(
+    server = subprocess.Popen(
         command,
         env=env,
         start_new_session=True,  # its own process group: the test can signal it as a terminal would
     )
+    try:
+        yield server, port
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def _all_answered(database_url: str, count: int) -> bool:
+    stored = stored_exchanges(database_url)
+    return len(stored) == count and all(resp is not None for _, resp in stored)
 
 
 def _send_requests(port: int, count: int) -> None:
@@ -182,9 +196,7 @@ def test_the_writer_process_outlives_neither_the_server_nor_its_records(
     """A server killed outright: its writer process sees the pipe close, stores what it received and
     exits. A terminal's Ctrl-C (SIGINT to the whole group): the writer ignores it, the server stops in
     order, and the writer ends when the server closes the pipe."""
-    port = _free_port()
-    server = _server(migrated_url, tmp_path, port)
-    try:
+    with _server(migrated_url, tmp_path) as (server, port):
         _send_requests(port, 40)
         (child,) = writer_children(server.pid)
         time.sleep(0.5)  # several flush intervals: everything has reached the writer process
@@ -194,12 +206,7 @@ def test_the_writer_process_outlives_neither_the_server_nor_its_records(
             os.killpg(server.pid, signal.SIGINT)
         assert server.wait(20) is not None
         assert wait_for(lambda: not alive(child), 15), "the writer process outlived the server"
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    stored = stored_exchanges(migrated_url)
-    assert len(stored) == 40 and all(resp is not None for _, resp in stored)
+    assert _all_answered(migrated_url, 40)
 
 
 @contextmanager
@@ -224,12 +231,10 @@ def test_an_orphaned_writer_process_stores_what_is_left_in_the_pipe(
     """The server dies while its writer process is busy storing a batch (held up by a lock here; a busy
     machine or a slow database are the same) and more frames wait in the pipe: they are the dead
     server's last records, and the writer process reads and stores them all before it exits."""
-    port = _free_port()
-    server = _server(migrated_url, tmp_path, port)
-    try:
+    with _server(migrated_url, tmp_path) as (server, port):
         _send_requests(port, 5)
         (child,) = writer_children(server.pid)
-        assert wait_for(lambda: len(stored_exchanges(migrated_url)) == 5, 30)
+        assert wait_for(lambda: _all_answered(migrated_url, 5), 30)
         with _writes_held(migrated_url):
             _send_requests(port, 1)
             time.sleep(0.5)  # the writer process took that frame and waits for the lock
@@ -238,12 +243,7 @@ def test_an_orphaned_writer_process_stores_what_is_left_in_the_pipe(
             server.kill()
             assert server.wait(20) is not None
         assert wait_for(lambda: not alive(child), 30), "the writer process outlived the server"
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    stored = stored_exchanges(migrated_url)
-    assert len(stored) == 36 and all(resp is not None for _, resp in stored)
+    assert _all_answered(migrated_url, 36)
 
 
 def test_a_forked_worker_starts_its_own_writer_process(migrated_url: str, tmp_path: Path) -> None:
